@@ -73,7 +73,7 @@ class QuantizedMatrix {
       for (Index c = 0; c < codes.cols(); ++c)
         detail::require(codes(r, c) <= max_code, "codes(", r, ", ", c, ") = ", int(codes(r, c)),
                         " exceeds ", max_code, " for ", spec.bits, "-bit");
-    for (Index r = 0; r < codes.rows(); ++r) q.set_stored_row(r, &codes(r, 0));
+    for (Index r = 0; r < codes.rows(); ++r) q.set_stored_row(r, codes.data() + r * codes.outerStride());
     q.mutable_scales() = scales;
     q.mutable_zeros() = zeros;
     q.round_params();
