@@ -19,8 +19,9 @@ void for_each_position_in_block(Index t, int bits, Fn&& fn) {
   for (int k = 0; k < set.count; ++k) {
     const Plane plane = set.planes[static_cast<std::size_t>(k)];
     const Index L = t * plane.width / 8;
-    for (Index c = 0; c < t; ++c)
-      fn(c, plane_byte + c % L, static_cast<int>(plane.width * (c / L)), plane);
+    // Byte j of the plane holds code j + i*L at bit width*i.
+    for (int i = 0; i < 8 / plane.width; ++i)
+      for (Index j = 0; j < L; ++j) fn(j + i * L, plane_byte + j, plane.width * i, plane);
     plane_byte += L;
   }
 }
@@ -72,9 +73,11 @@ inline void unpack_row(const std::uint8_t* packed, Index n, int bits, std::uint8
 template <class T>
 void dequantize_codes(const std::uint8_t* codes, Index first, Index count, const float* scales,
                       const float* zeros, Index group_size, T* out) {
-  for (Index i = 0; i < count; ++i) {
+  for (Index i = 0; i < count;) {
     const Index g = (first + i) / group_size;
-    out[i] = (static_cast<T>(codes[i]) - static_cast<T>(zeros[g])) * static_cast<T>(scales[g]);
+    const Index end = std::min(count, (g + 1) * group_size - first);
+    const T scale = static_cast<T>(scales[g]), zero = static_cast<T>(zeros[g]);
+    for (; i < end; ++i) out[i] = (static_cast<T>(codes[i]) - zero) * scale;
   }
 }
 
