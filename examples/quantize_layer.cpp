@@ -79,6 +79,12 @@ std::vector<Method> methods() {
     list.push_back({"rtn (mse clip)", spec, [](const Layer& l, const lowbit::QuantSpec& s) {
                       return plain(lowbit::RTN<float>({.spec = s, .mse = true}).quantize(l.W));
                     }});
+    list.push_back({"hqq", spec, [](const Layer& l, const lowbit::QuantSpec& s) {
+                      return plain(lowbit::HQQ<float>({.spec = s}).quantize(l.W));
+                    }});
+    list.push_back({"hqq (improved)", spec, [](const Layer& l, const lowbit::QuantSpec& s) {
+                      return plain(lowbit::HQQ<float>({.spec = s, .variant = lowbit::HqqVariant::Improved}).quantize(l.W));
+                    }});
   }
   return list;
 }

@@ -13,3 +13,4 @@
 #include "lowbit/pack/pack.hpp"
 #include "lowbit/pack/hqq_layout.hpp"
 #include "lowbit/quantizers/rtn.hpp"
+#include "lowbit/quantizers/hqq.hpp"
