@@ -14,3 +14,8 @@
 #include "lowbit/pack/hqq_layout.hpp"
 #include "lowbit/quantizers/rtn.hpp"
 #include "lowbit/quantizers/hqq.hpp"
+#include "lowbit/io/safetensors.hpp"
+#include "lowbit/io/checkpoint.hpp"
+#include "lowbit/io/lowbit_format.hpp"
+#include "lowbit/io/hqq_format.hpp"
+#include "lowbit/io/gptq_format.hpp"
