@@ -1,0 +1,157 @@
+// QuantizedLayer<T>: a quantized linear layer as calibrated methods (OmniQuant, QLLM)
+// return it. The packed weights alone are not the layer when the method also changed
+// the input (an equivalent transform, activation quantization) or added terms (bias
+// fold, a low-rank correction); this struct holds all of it, and forward() is the
+// quantized layer's output for any input:
+//
+//   X' = (X - shift) / scale                     per input channel (input_transform)
+//   X_q = Q_a(X')                                 per-token fake quantization (activation)
+//   Y  = X_q W_hat^T + (X_q B^T) A^T + bias       W_hat = weights.dequantize()
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include "lowbit/core/dense_product.hpp"
+#include "lowbit/core/error.hpp"
+#include "lowbit/core/fake_quant.hpp"
+#include "lowbit/core/quantized_matrix.hpp"
+#include "lowbit/core/spec.hpp"
+#include "lowbit/core/tensor.hpp"
+#include "lowbit/core/types.hpp"
+
+namespace lowbit {
+
+// A per-input-channel affine change of variables, x' = (x - shift) / scale (OmniQuant's
+// learnable equivalent transform). It leaves the float layer unchanged once folded:
+//   ((X - shift) / scale) (W diag(scale))^T + (b + W shift) = X W^T + b.
+// Empty vectors mean scale 1 / shift 0.
+template <class T = float>
+struct InputTransform {
+  Vector<T> scale;
+  Vector<T> shift;
+
+  [[nodiscard]] bool empty() const { return scale.size() == 0 && shift.size() == 0; }
+
+  void validate(Index in_features) const {
+    detail::require(scale.size() == 0 || scale.size() == in_features, "InputTransform.scale size ", scale.size(),
+                    " != in_features ", in_features);
+    detail::require(shift.size() == 0 || shift.size() == in_features, "InputTransform.shift size ", shift.size(),
+                    " != in_features ", in_features);
+    detail::require_finite(scale, "InputTransform.scale");
+    detail::require_finite(shift, "InputTransform.shift");
+    for (Index j = 0; j < scale.size(); ++j)
+      detail::require(scale(j) != T(0), "InputTransform.scale(", j, ") = 0");
+  }
+
+  // X' = (X - shift) / scale, [tokens, in].
+  [[nodiscard]] Matrix<T> apply(const Eigen::Ref<const Matrix<T>>& X) const {
+    validate(X.cols());
+    Matrix<T> out = X;
+    if (shift.size() != 0) out.rowwise() -= shift.transpose();
+    if (scale.size() != 0) out.array().rowwise() /= scale.transpose().array();
+    return out;
+  }
+
+  // W' = W diag(scale), [out, in].
+  [[nodiscard]] Matrix<T> fold_weight(const Eigen::Ref<const Matrix<T>>& W) const {
+    validate(W.cols());
+    Matrix<T> out = W;
+    if (scale.size() != 0) out.array().rowwise() *= scale.transpose().array();
+    return out;
+  }
+
+  // b' = b + W shift (an empty bias counts as 0), [out].
+  [[nodiscard]] Vector<T> fold_bias(const Eigen::Ref<const Matrix<T>>& W, const Vector<T>& bias) const {
+    validate(W.cols());
+    detail::require(bias.size() == 0 || bias.size() == W.rows(), "bias size ", bias.size(), " != out_features ",
+                    W.rows());
+    Vector<T> out = bias.size() == 0 ? Vector<T>::Zero(W.rows()) : bias;
+    if (shift.size() != 0) out.noalias() += W * shift;
+    return out;
+  }
+};
+
+// What training recorded.
+struct TrainingHistory {
+  std::vector<double> loss;  // training loss per epoch: the mean over the epoch's steps
+};
+
+template <class T = float>
+struct QuantizedLayer {
+  QuantizedMatrix<T> weights;               // [out, in], in the transformed coordinates
+  InputTransform<T> input_transform;        // applied to X first; empty: identity
+  std::optional<QuantSpec> activation;      // Q_a: bits, group_size (0: whole token); asymmetric
+  Vector<T> bias;                           // [out]; empty: none
+  Matrix<T> lowrank_a;                      // [out, rank] side term; empty: none
+  Matrix<T> lowrank_b;                      // [rank, in]
+  TrainingHistory history;
+
+  [[nodiscard]] Index out_features() const { return weights.rows(); }
+  [[nodiscard]] Index in_features() const { return weights.cols(); }
+  [[nodiscard]] Index rank() const { return lowrank_a.cols(); }
+
+  void validate() const {
+    input_transform.validate(in_features());
+    if (activation) {
+      activation->validate();
+      detail::require(!activation->symmetric, "QuantizedLayer.activation.symmetric = true: activation "
+                                              "quantization is asymmetric");
+    }
+    detail::require(bias.size() == 0 || bias.size() == out_features(), "QuantizedLayer.bias size ", bias.size(),
+                    " != out_features ", out_features());
+    detail::require_finite(bias, "QuantizedLayer.bias");
+    detail::require(lowrank_a.cols() == lowrank_b.rows(), "QuantizedLayer low-rank inner sizes ", lowrank_a.cols(),
+                    " != ", lowrank_b.rows());
+    if (lowrank_a.size() != 0 || lowrank_b.size() != 0) {
+      detail::require(lowrank_a.rows() == out_features() && lowrank_b.cols() == in_features(),
+                      "QuantizedLayer low-rank shapes ", lowrank_a.rows(), "x", lowrank_a.cols(), " and ",
+                      lowrank_b.rows(), "x", lowrank_b.cols(), " do not fit ", out_features(), "x", in_features());
+      detail::require_finite(lowrank_a, "QuantizedLayer.lowrank_a");
+      detail::require_finite(lowrank_b, "QuantizedLayer.lowrank_b");
+    }
+  }
+
+  // The layer's input after the transform and activation quantization: X_q [tokens, in].
+  [[nodiscard]] Matrix<T> quantized_input(const Eigen::Ref<const Matrix<T>>& X) const {
+    validate();
+    detail::require(X.cols() == in_features(), "QuantizedLayer.forward: X has ", X.cols(),
+                    " columns, the layer has in_features ", in_features());
+    detail::require_finite(X, "X");
+    Matrix<T> input = input_transform.empty() ? Matrix<T>(X) : input_transform.apply(X);
+    if (activation) {
+      Matrix<T> quantized(input.rows(), input.cols());
+      GroupFakeQuantizer<T>(activation->bits, activation->group_size).forward(input, quantized);
+      input.swap(quantized);
+    }
+    return input;
+  }
+
+  // Y [tokens, out] for X [tokens, in]; bit-identical for any thread count.
+  [[nodiscard]] Matrix<T> forward(const Eigen::Ref<const Matrix<T>>& X) const {
+    const Matrix<T> input = quantized_input(X);
+    const Matrix<T> W_hat = weights.dequantize();
+    Matrix<T> Y = detail::dense_product<T>(input, W_hat.transpose());
+    if (rank() > 0) {
+      const Matrix<T> projected = detail::dense_product<T>(input, lowrank_b.transpose());
+      Y += detail::dense_product<T>(projected, lowrank_a.transpose());
+    }
+    if (bias.size() != 0) Y.rowwise() += bias.transpose();
+    return Y;
+  }
+
+  template <RowMajorTensor2 Tensor>
+  [[nodiscard]] Matrix<T> forward(const Tensor& X) const {
+    return forward(as_matrix(X));
+  }
+
+  // Bytes to store the layer: packed weights plus its float side parameters (transform,
+  // bias, low-rank factors) at sizeof(T) each.
+  [[nodiscard]] std::size_t packed_bytes() const {
+    const auto side = input_transform.scale.size() + input_transform.shift.size() + bias.size() + lowrank_a.size() +
+                      lowrank_b.size();
+    return weights.packed_bytes() + static_cast<std::size_t>(side) * sizeof(T);
+  }
+};
+
+}  // namespace lowbit
