@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +39,7 @@ struct Layer {
 struct Outcome {
   lowbit::QuantizedMatrix<float> weights;
   std::function<Matrix<float>(const Matrix<float>&)> forward;
+  bool transformed_input = false;  // weights live in transformed coordinates: no weight error
 };
 
 struct Method {
@@ -57,10 +59,12 @@ void print_row(const Method& method, const Layer& layer) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const Matrix<float> W_hat = outcome.weights.dequantize();
   const double weight_error = (layer.W - W_hat).norm() / layer.W.norm();
+  char weight_column[16] = "           -";
+  if (!outcome.transformed_input) std::snprintf(weight_column, sizeof weight_column, "%12.4f", weight_error);
   const double output_error = (layer.Y_eval - outcome.forward(layer.Xeval)).norm() / layer.Y_eval.norm();
   const std::string group = method.spec.group_size == 0 ? "row" : std::to_string(method.spec.group_size);
-  std::printf("%-22s %4d %6s %12.4f %12.4f %10zu %8.3f %10.1f\n", method.name.c_str(), method.spec.bits,
-              group.c_str(), weight_error, output_error, outcome.weights.packed_bytes(),
+  std::printf("%-22s %4d %6s %s %12.4f %10zu %8.3f %10.1f\n", method.name.c_str(), method.spec.bits,
+              group.c_str(), weight_column, output_error, outcome.weights.packed_bytes(),
               outcome.weights.bits_per_weight(), seconds * 1e3);
 }
 
@@ -86,6 +90,33 @@ std::vector<Method> methods() {
                       return plain(lowbit::HQQ<float>({.spec = s, .variant = lowbit::HqqVariant::Improved}).quantize(l.W));
                     }});
   }
+  // Calibrated methods that may change the input: scored through the layer's forward().
+  auto calibrated = [](auto make_quantizer) {
+    return [make_quantizer](const Layer& l, const lowbit::QuantSpec& s) {
+      auto quantizer = make_quantizer(s);
+      quantizer.calibrate(l.X);
+      auto layer = std::make_shared<lowbit::QuantizedLayer<float>>(quantizer.quantize(l.W));
+      return Outcome{layer->weights, [layer](const Matrix<float>& X) { return layer->forward(X); }, true};
+    };
+  };
+  auto omniquant = [&](std::optional<lowbit::QuantSpec> activation, int epochs) {
+    return calibrated([activation, epochs](const lowbit::QuantSpec& s) {
+      return lowbit::OmniQuant<float>({.weight = s, .activation = activation, .epochs = epochs});
+    });
+  };
+  list.push_back({"omniquant", {.bits = 4, .group_size = 128, .param_type = half}, omniquant(std::nullopt, 20)});
+  list.push_back({"omniquant", {.bits = 3, .group_size = 128, .param_type = half}, omniquant(std::nullopt, 20)});
+  list.push_back({"omniquant", {.bits = 2, .group_size = 64, .param_type = half}, omniquant(std::nullopt, 40)});
+  const lowbit::QuantSpec a4{.bits = 4, .group_size = 0}, a6{.bits = 6, .group_size = 0};
+  list.push_back({"rtn W4A4 (per-channel)", {.bits = 4, .group_size = 0, .param_type = half},
+                  [a4](const Layer& l, const lowbit::QuantSpec& s) {
+                    auto layer = std::make_shared<lowbit::QuantizedLayer<float>>();
+                    layer->weights = lowbit::RTN<float>(s).quantize(l.W);
+                    layer->activation = a4;
+                    return Outcome{layer->weights, [layer](const Matrix<float>& X) { return layer->forward(X); }};
+                  }});
+  list.push_back({"omniquant W4A4", {.bits = 4, .group_size = 0, .param_type = half}, omniquant(a4, 20)});
+  list.push_back({"omniquant W6A6", {.bits = 6, .group_size = 0, .param_type = half}, omniquant(a6, 20)});
   return list;
 }
 
@@ -108,7 +139,8 @@ int main(int argc, char** argv) {
                 "bytes", "bits/w", "time ms");
     for (const Method& method : methods()) print_row(method, layer);
     std::printf("\nweight err = ||W - W_hat||_F / ||W||_F; output err = ||Y - Y_hat||_F / ||Y||_F on the held-out "
-                "tokens; bytes = codes + scales + zeros (+ permutation).\n");
+                "tokens; bytes = codes + scales + zeros (+ permutation); '-': the method transforms the layer input, so its "
+                "packed weights are not comparable with W (side parameters of such layers are not counted).\n");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "quantize_layer: %s\n", e.what());
     return 1;
