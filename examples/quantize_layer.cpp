@@ -108,13 +108,26 @@ std::vector<Method> methods() {
   list.push_back({"omniquant", {.bits = 3, .group_size = 128, .param_type = half}, omniquant(std::nullopt, 20)});
   list.push_back({"omniquant", {.bits = 2, .group_size = 64, .param_type = half}, omniquant(std::nullopt, 40)});
   const lowbit::QuantSpec a4{.bits = 4, .group_size = 0}, a6{.bits = 6, .group_size = 0};
-  list.push_back({"rtn W4A4 (per-channel)", {.bits = 4, .group_size = 0, .param_type = half},
-                  [a4](const Layer& l, const lowbit::QuantSpec& s) {
-                    auto layer = std::make_shared<lowbit::QuantizedLayer<float>>();
-                    layer->weights = lowbit::RTN<float>(s).quantize(l.W);
-                    layer->activation = a4;
-                    return Outcome{layer->weights, [layer](const Matrix<float>& X) { return layer->forward(X); }};
-                  }});
+  // Per-channel weights with per-token activations, scored with plain min-max RTN.
+  auto rtn_with_activation = [](lowbit::QuantSpec activation) {
+    return [activation](const Layer& l, const lowbit::QuantSpec& s) {
+      auto layer = std::make_shared<lowbit::QuantizedLayer<float>>();
+      layer->weights = lowbit::RTN<float>(s).quantize(l.W);
+      layer->activation = activation;
+      return Outcome{layer->weights, [layer](const Matrix<float>& X) { return layer->forward(X); }};
+    };
+  };
+  auto qllm = [&](lowbit::QuantSpec activation) {
+    return calibrated([activation](const lowbit::QuantSpec& s) {
+      return lowbit::QLLM<float>({.weight = s, .activation = activation});
+    });
+  };
+  const lowbit::QuantSpec a8{.bits = 8, .group_size = 0};
+  const lowbit::QuantSpec per_channel4{.bits = 4, .group_size = 0, .param_type = half};
+  list.push_back({"rtn W4A4 (per-channel)", per_channel4, rtn_with_activation(a4)});
+  list.push_back({"qllm W4A4", per_channel4, qllm(a4)});
+  list.push_back({"rtn W4A8 (per-channel)", per_channel4, rtn_with_activation(a8)});
+  list.push_back({"qllm W4A8", per_channel4, qllm(a8)});
   list.push_back({"omniquant W4A4", {.bits = 4, .group_size = 0, .param_type = half}, omniquant(a4, 20)});
   list.push_back({"omniquant W6A6", {.bits = 6, .group_size = 0, .param_type = half}, omniquant(a6, 20)});
   return list;

@@ -19,6 +19,8 @@
 #include "lowbit/core/fake_quant.hpp"
 #include "lowbit/core/quantized_layer.hpp"
 #include "lowbit/quantizers/omniquant.hpp"
+#include "lowbit/core/channel_map.hpp"
+#include "lowbit/quantizers/qllm.hpp"
 #include "lowbit/io/safetensors.hpp"
 #include "lowbit/io/checkpoint.hpp"
 #include "lowbit/io/lowbit_format.hpp"

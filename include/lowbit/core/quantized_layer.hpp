@@ -4,7 +4,8 @@
 // fold, a low-rank correction); this struct holds all of it, and forward() is the
 // quantized layer's output for any input:
 //
-//   X' = (X - shift) / scale                     per input channel (input_transform)
+//   X_m = X M                                     channel map (QLLM's reassembly), [tokens, in]
+//   X' = (X_m - shift) / scale                   per input channel (input_transform)
 //   X_q = Q_a(X')                                 per-token fake quantization (activation)
 //   Y  = X_q W_hat^T + (X_q B^T) A^T + bias       W_hat = weights.dequantize()
 #pragma once
@@ -12,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "lowbit/core/channel_map.hpp"
 #include "lowbit/core/dense_product.hpp"
 #include "lowbit/core/error.hpp"
 #include "lowbit/core/fake_quant.hpp"
@@ -80,7 +82,8 @@ struct TrainingHistory {
 template <class T = float>
 struct QuantizedLayer {
   QuantizedMatrix<T> weights;               // [out, in], in the transformed coordinates
-  InputTransform<T> input_transform;        // applied to X first; empty: identity
+  ChannelMap<T> channel_map;                // applied to X before everything; empty: identity
+  InputTransform<T> input_transform;        // applied after the channel map; empty: identity
   std::optional<QuantSpec> activation;      // Q_a: bits, group_size (0: whole token); asymmetric
   Vector<T> bias;                           // [out]; empty: none
   Matrix<T> lowrank_a;                      // [out, rank] side term; empty: none
@@ -92,6 +95,8 @@ struct QuantizedLayer {
   [[nodiscard]] Index rank() const { return lowrank_a.cols(); }
 
   void validate() const {
+    detail::require(channel_map.empty() || channel_map.channels() == in_features(), "QuantizedLayer.channel_map "
+                    "makes ", channel_map.channels(), " channels, the weights have in_features ", in_features());
     input_transform.validate(in_features());
     if (activation) {
       activation->validate();
@@ -115,10 +120,12 @@ struct QuantizedLayer {
   // The layer's input after the transform and activation quantization: X_q [tokens, in].
   [[nodiscard]] Matrix<T> quantized_input(const Eigen::Ref<const Matrix<T>>& X) const {
     validate();
-    detail::require(X.cols() == in_features(), "QuantizedLayer.forward: X has ", X.cols(),
-                    " columns, the layer has in_features ", in_features());
+    const Index columns = channel_map.empty() ? in_features() : channel_map.source_channels();
+    detail::require(X.cols() == columns, "QuantizedLayer.forward: X has ", X.cols(), " columns, the layer reads ",
+                    columns);
     detail::require_finite(X, "X");
-    Matrix<T> input = input_transform.empty() ? Matrix<T>(X) : input_transform.apply(X);
+    Matrix<T> input = channel_map.apply(X);
+    if (!input_transform.empty()) input = input_transform.apply(input);
     if (activation) {
       Matrix<T> quantized(input.rows(), input.cols());
       GroupFakeQuantizer<T>(activation->bits, activation->group_size).forward(input, quantized);
@@ -145,12 +152,12 @@ struct QuantizedLayer {
     return forward(as_matrix(X));
   }
 
-  // Bytes to store the layer: packed weights plus its float side parameters (transform,
-  // bias, low-rank factors) at sizeof(T) each.
+  // Bytes to store the layer: packed weights, the channel map, and its float side
+  // parameters (transform, bias, low-rank factors) at sizeof(T) each.
   [[nodiscard]] std::size_t packed_bytes() const {
     const auto side = input_transform.scale.size() + input_transform.shift.size() + bias.size() + lowrank_a.size() +
                       lowrank_b.size();
-    return weights.packed_bytes() + static_cast<std::size_t>(side) * sizeof(T);
+    return weights.packed_bytes() + channel_map.bytes() + static_cast<std::size_t>(side) * sizeof(T);
   }
 };
 
