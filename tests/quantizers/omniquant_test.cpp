@@ -14,6 +14,7 @@
 #include <string>
 
 #include "lowbit/quantizers/rtn.hpp"
+#include "reference_figures.hpp"
 #include "test_util.hpp"
 
 #if __has_include("lowbit/quantizers/hqq.hpp")
@@ -396,37 +397,10 @@ TEST(OmniQuant, RejectsBadOptionsAndInputs) {
 // against RTN and HQQ computed here on that slice; the reference figures of
 // reference_small.jsonl are for the full layer and are checked in optimized builds.
 
-#ifdef NDEBUG
-constexpr bool kFullFixture = true;
-#else
-constexpr bool kFullFixture = false;
-#endif
-
-struct Fixture {
-  Matrix<float> W, X, Xeval;
-};
-
-const Fixture& fixture() {
-  static const Fixture f = [] {
-    const test::FixtureLayer& full = test::fixture_layer();
-    if (kFullFixture) return Fixture{full.W, full.X, full.Xeval};
-    return Fixture{full.W.topLeftCorner(64, 256), full.X.topLeftCorner(512, 256), full.Xeval.topLeftCorner(256, 256)};
-  }();
-  return f;
-}
-
-// out_rel_eval of the reference_small.jsonl row matching `match` (every key equal).
-double reference_figure(const nlohmann::json& match) {
-  std::ifstream in(test::data_path("reference_small.jsonl"));
-  std::string line;
-  while (std::getline(in, line)) {
-    const auto row = nlohmann::json::parse(line);
-    bool ok = true;
-    for (const auto& [key, value] : match.items()) ok = ok && row.contains(key) && row[key] == value;
-    if (ok) return row["out_rel_eval"].get<double>();
-  }
-  throw std::runtime_error("no reference row for " + match.dump());
-}
+using test::kFullFixture;
+using Fixture = test::FixtureLayer;
+const Fixture& fixture() { return test::affordable_fixture(); }
+double reference_figure(const nlohmann::json& match) { return test::reference_out_rel_eval(match); }
 
 double weight_error(const Matrix<float>& W_hat) {
   const Fixture& f = fixture();

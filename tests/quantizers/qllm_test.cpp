@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "lowbit/quantizers/rtn.hpp"
+#include "reference_figures.hpp"
 #include "test_util.hpp"
 
 namespace lowbit {
@@ -504,36 +505,10 @@ TEST(QllmLowRank, RidgeShrinksTheCorrectionAndDegenerateInputsAreHandled) {
 // (Debug, ~100x slower) run the same comparisons on a slice (64 outputs x 256 inputs,
 // 512 / 256 tokens); the reference figure is for the full layer.
 
-#ifdef NDEBUG
-constexpr bool kFullFixture = true;
-#else
-constexpr bool kFullFixture = false;
-#endif
-
-struct Fixture {
-  Matrix<float> W, X, Xeval;
-};
-
-const Fixture& fixture() {
-  static const Fixture f = [] {
-    const test::FixtureLayer& full = test::fixture_layer();
-    if (kFullFixture) return Fixture{full.W, full.X, full.Xeval};
-    return Fixture{full.W.topLeftCorner(64, 256), full.X.topLeftCorner(512, 256), full.Xeval.topLeftCorner(256, 256)};
-  }();
-  return f;
-}
-
-double reference_figure(const nlohmann::json& match) {
-  std::ifstream in(test::data_path("reference_small.jsonl"));
-  std::string line;
-  while (std::getline(in, line)) {
-    const auto row = nlohmann::json::parse(line);
-    bool ok = true;
-    for (const auto& [key, value] : match.items()) ok = ok && row.contains(key) && row[key] == value;
-    if (ok) return row["out_rel_eval"].get<double>();
-  }
-  throw std::runtime_error("no reference row for " + match.dump());
-}
+using test::kFullFixture;
+using Fixture = test::FixtureLayer;
+const Fixture& fixture() { return test::affordable_fixture(); }
+double reference_figure(const nlohmann::json& match) { return test::reference_out_rel_eval(match); }
 
 // Held-out errors of plain min-max, reassembly alone, the low-rank step alone, and both.
 struct Figures {
