@@ -1,0 +1,313 @@
+// AVX-512 GEMV kernels: fused unpack + FMA straight from the packed layout.
+//
+// A block's plane bytes are read as 32-bit lanes; for slice (u, b) of a full block
+// (u = 64-code unit, b = byte within the lane) code 64u + 4k + b sits in lane k at
+// (pack/layout.hpp):
+//   plane width p, L = 32p bytes:  lane byte (64u) % L + 4k + b,  bit 8b + p * (64u / L)
+// (the 32-byte 1-bit plane is read twice, the upper 8 lanes one bit later). Codes of up
+// to 4 bits become floats with one permute from a 16-entry table (vpermps reads only
+// the low 4 bits of each lane, so no mask is needed); wider codes are masked and
+// converted. x was shuffled into this lane order once per call (gemv_input.hpp).
+// Per row: y_r = sum_g s_g * (sum_{j in g} q_j x_j) - sum_g s_g z_g S_g.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "lowbit/core/isa.hpp"
+#include "lowbit/kernels/gemv_input.hpp"
+#include "lowbit/pack/avx2.hpp"
+#include "lowbit/pack/layout.hpp"
+#include "lowbit/pack/scalar.hpp"
+
+#if defined(LOWBIT_HAVE_AVX512)
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 AVX-512 headers, see pack/avx512.hpp
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace lowbit::detail::avx512 {
+
+inline constexpr int kLanes = 16;
+inline constexpr Index kUnit = 64;  // codes per unit: 4 slices of 16 lanes
+
+[[nodiscard]] constexpr int plane_byte_offset(const PlaneSet& set, int plane) {
+  int offset = 0;
+  for (int k = 0; k < plane; ++k) offset += 32 * set.planes[static_cast<std::size_t>(k)].width;
+  return offset;
+}
+
+// Loads for lane byte b start b bytes into a plane, so a kernel may read this many
+// bytes past the end of a block (callers copy a row's last block when that would leave
+// the matrix's storage).
+inline constexpr Index kOverread = 3;
+
+// Plane P's bits of slice (U, B) of a full block, at the code's bit position
+// (plane.shift) in each lane; the lane's other bits are garbage. Loading at byte offset
+// B puts lane byte B at bit 0, so only the bit within the byte needs a shift.
+template <int Bits, int P, int U, int B>
+LOWBIT_TARGET_AVX512 inline __m512i plane_slice(const std::uint8_t* block) {
+  constexpr PlaneSet set = planes_for_bits(Bits);
+  constexpr Plane plane = set.planes[P];
+  constexpr int L = 32 * plane.width;
+  const std::uint8_t* bytes = block + plane_byte_offset(set, P) + B;
+  __m512i v;
+  int bit;
+  if constexpr (L >= 64) {
+    v = _mm512_loadu_si512(bytes + (64 * U) % L);
+    bit = plane.width * (64 * U / L);
+  } else {  // 1-bit plane: code 64u + 4k + b is at bit 2u + k/8 of byte 4(k%8) + b
+    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+    v = _mm512_inserti64x4(_mm512_castsi256_si512(half), _mm256_srli_epi32(half, 1), 1);
+    bit = 2 * U;
+  }
+  const int shift = bit - plane.shift;
+  if (shift > 0) return _mm512_srl_epi32(v, _mm_cvtsi32_si128(shift));
+  if (shift < 0) return _mm512_sll_epi32(v, _mm_cvtsi32_si128(-shift));
+  return v;
+}
+
+// OR of the planes P.. of a code wider than 4 bits, each masked to its own bits.
+template <int Bits, int P, int U, int B>
+LOWBIT_TARGET_AVX512 inline __m512i combine_planes(const std::uint8_t* block) {
+  constexpr PlaneSet set = planes_for_bits(Bits);
+  constexpr Plane plane = set.planes[P];
+  const __m512i part = _mm512_and_si512(plane_slice<Bits, P, U, B>(block),
+                                        _mm512_set1_epi32(((1 << plane.width) - 1) << plane.shift));
+  if constexpr (P + 1 < set.count) return _mm512_or_si512(part, combine_planes<Bits, P + 1, U, B>(block));
+  else return part;
+}
+
+// Permute tables: entry i of `low` is float(i & max_code); for 2-bit codes, where the
+// 4 index bits hold two codes, entry i of `high` is float(i >> 2).
+struct DecodeTables {
+  __m512 low, high;
+};
+
+template <int Bits>
+LOWBIT_TARGET_AVX512 inline DecodeTables decode_tables() {
+  const __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return {_mm512_cvtepi32_ps(_mm512_and_si512(index, _mm512_set1_epi32((1 << std::min(Bits, 4)) - 1))),
+          _mm512_cvtepi32_ps(_mm512_srli_epi32(index, 2))};
+}
+
+// 3-bit codes of a whole block as two vectors of nibbles: nibble 8b + 4h of `even`
+// holds slice (2h, b), that of `odd` slice (2h + 1, b). Bits 0-1 come from the 2-bit
+// plane (slice (u, b) at bit 8b + 2u), bit 2 from the 1-bit plane read the same way.
+template <int Odd>
+LOWBIT_TARGET_AVX512 inline __m512i three_bit_nibbles(const std::uint8_t* block) {
+  const __m512i low = _mm512_loadu_si512(block);
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64));
+  const __m512i high = _mm512_inserti64x4(_mm512_castsi256_si512(half), _mm256_srli_epi32(half, 1), 1);
+  const __m512i keep = _mm512_set1_epi32(0x33333333);
+  if constexpr (Odd) return _mm512_ternarylogic_epi32(_mm512_srli_epi32(low, 2), high, keep, 0xE4);
+  else return _mm512_ternarylogic_epi32(low, _mm512_slli_epi32(high, 2), keep, 0xE4);  // (a & c) | (b & ~c)
+}
+
+// The 16 codes of slice (U, B) of a full block as floats. The compiler shares loads and
+// shifts among the slices of a block.
+template <int Bits, int U, int B>
+LOWBIT_TARGET_AVX512 inline __m512 decode_slice(const std::uint8_t* block, const DecodeTables& tables) {
+  if constexpr (Bits == 2) {
+    // Byte b holds slices (0..3, b) at bits 0, 2, 4, 6: the permute takes two at a time.
+    const __m512i pair = plane_slice<2, 0, U / 2 * 2, B>(block);
+    return _mm512_permutexvar_ps(pair, U % 2 == 0 ? tables.low : tables.high);
+  } else if constexpr (Bits == 1 || Bits == 4) {
+    return _mm512_permutexvar_ps(plane_slice<Bits, 0, U, B>(block), tables.low);
+  } else if constexpr (Bits == 3) {
+    const __m512i nibbles = three_bit_nibbles<U % 2>(block);
+    return _mm512_permutexvar_ps(_mm512_srl_epi32(nibbles, _mm_cvtsi32_si128(8 * B + 4 * (U / 2))), tables.low);
+  } else if constexpr (Bits == 8) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(plane_slice<8, 0, U, B>(block), _mm512_set1_epi32(0xFF)));
+  } else {
+    return _mm512_cvtepi32_ps(combine_planes<Bits, 0, U, B>(block));
+  }
+}
+
+template <int Bits, int Rows, int U, int B>
+LOWBIT_TARGET_AVX512 inline void slice_fma(const std::uint8_t* const* blocks, const float* x_unit,
+                                           const DecodeTables& tables, __m512* acc) {
+  const __m512 x = _mm512_loadu_ps(x_unit + kLanes * B);
+  for (int r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(decode_slice<Bits, U, B>(blocks[r], tables), x, acc[r]);
+}
+
+// Everything a row kernel reads besides the packed rows.
+struct GemvRowsArgs {
+  const float* x;             // lane order, block padded
+  const float* group_sums;    // S_g
+  const LaneGroups* lane_groups;
+  Index n;                    // stored columns
+  Index groups;               // groups per row
+  Index units_per_group;      // ScaleMode::PerGroup: units between scale applications
+  const std::uint8_t* storage_end;  // end of the packed codes (see kOverread)
+};
+
+// sum_g s_g z_g S_g, 16 groups at a time.
+LOWBIT_TARGET_AVX512 inline float zero_correction(const float* scales, const float* zeros, const float* sums,
+                                                  Index groups) {
+  __m512 acc = _mm512_setzero_ps();
+  for (Index g = 0; g < groups; g += kLanes) {
+    const __mmask16 mask = static_cast<__mmask16>(groups - g >= kLanes ? 0xFFFF : (1u << (groups - g)) - 1u);
+    const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scales + g), _mm512_maskz_loadu_ps(mask, zeros + g));
+    acc = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, sums + g), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// One unit (4 slices) of Rows rows, then the scales: per group when this unit ends
+// its group, else per lane. Returns false past the last unit of the row.
+template <int Bits, int Rows, ScaleMode Mode, int U>
+LOWBIT_TARGET_AVX512 inline bool unit_step(const GemvRowsArgs& args, const std::uint8_t* const* blocks,
+                                           const float* const* scales, const float* x_block,
+                                           const DecodeTables& tables, Index& unit, Index& group, Index& units_left, __m512* acc,
+                                           __m512* total) {
+  const Index units = (args.n + kUnit - 1) / kUnit;
+  if (unit >= units) return false;
+  const float* x_unit = x_block + kUnit * U;
+  slice_fma<Bits, Rows, U, 0>(blocks, x_unit, tables, acc);
+  slice_fma<Bits, Rows, U, 1>(blocks, x_unit, tables, acc);
+  slice_fma<Bits, Rows, U, 2>(blocks, x_unit, tables, acc);
+  slice_fma<Bits, Rows, U, 3>(blocks, x_unit, tables, acc);
+  if constexpr (Mode == ScaleMode::PerLane) {
+    const LaneGroups& plan = *args.lane_groups;
+    const auto u = static_cast<std::size_t>(unit);
+    const __m512i index = _mm512_loadu_si512(plan.offset.data() + u * kLanes);
+    const __mmask16 mask = static_cast<__mmask16>(plan.count[u] >= kLanes ? 0xFFFF : (1u << plan.count[u]) - 1u);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512 s = _mm512_permutexvar_ps(index, _mm512_maskz_loadu_ps(mask, scales[r] + plan.first[u]));
+      total[r] = _mm512_fmadd_ps(s, acc[r], total[r]);
+      acc[r] = _mm512_setzero_ps();
+    }
+  } else {
+    if (--units_left == 0 || unit + 1 == units) {
+      for (int r = 0; r < Rows; ++r) {
+        total[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[r][group]), acc[r], total[r]);
+        acc[r] = _mm512_setzero_ps();
+      }
+      ++group;
+      units_left = args.units_per_group;
+    }
+  }
+  ++unit;
+  return true;
+}
+
+// y[r] for Rows consecutive stored rows.
+template <int Bits, int Rows, ScaleMode Mode>
+LOWBIT_TARGET_AVX512 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t* const* rows,
+                                    const float* const* scales, const float* const* zeros, float* y) {
+  constexpr Index block_bytes = kBlockCodes * Bits / 8;
+  const Index blocks = (args.n + kBlockCodes - 1) / kBlockCodes, full_blocks = args.n / kBlockCodes;
+  // The last block is read from a copy when it is short (it has its own plane lengths:
+  // repacked as a zero-padded full block) or when reading it would leave the storage.
+  alignas(64) std::uint8_t tail[Rows][block_bytes + kOverread];
+  Index direct_blocks[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    const std::uint8_t* last = rows[r] + (blocks - 1) * block_bytes;
+    direct_blocks[r] = blocks;
+    if (full_blocks < blocks) {
+      std::uint8_t codes[kBlockCodes] = {};
+      scalar::unpack_block(last, padded_codes(args.n) - full_blocks * kBlockCodes, Bits, codes);
+      avx2::pack_full_block<Bits>(codes, tail[r]);
+      direct_blocks[r] = blocks - 1;
+    } else if (args.storage_end - last < block_bytes + kOverread) {
+      std::copy(last, last + block_bytes, tail[r]);
+      direct_blocks[r] = blocks - 1;
+    }
+    std::fill(tail[r] + block_bytes, tail[r] + block_bytes + kOverread, std::uint8_t{0});
+  }
+  const DecodeTables tables = decode_tables<Bits>();
+  __m512 acc[Rows], total[Rows];
+  for (int r = 0; r < Rows; ++r) acc[r] = total[r] = _mm512_setzero_ps();
+  Index unit = 0, group = 0, units_left = args.units_per_group;
+  for (Index blk = 0; blk < blocks; ++blk) {
+    const std::uint8_t* block[Rows];
+    for (int r = 0; r < Rows; ++r) block[r] = blk < direct_blocks[r] ? rows[r] + blk * block_bytes : tail[r];
+    const float* x_block = args.x + blk * kBlockCodes;
+    if (!unit_step<Bits, Rows, Mode, 0>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
+    if (!unit_step<Bits, Rows, Mode, 1>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
+    if (!unit_step<Bits, Rows, Mode, 2>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
+    if (!unit_step<Bits, Rows, Mode, 3>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
+  }
+  for (int r = 0; r < Rows; ++r)
+    y[r] = _mm512_reduce_add_ps(total[r]) - zero_correction(scales[r], zeros[r], args.group_sums, args.groups);
+}
+
+// acc[4U + b] += codes of slice (U, b) * a, b = 0..3.
+template <int Bits, int U>
+LOWBIT_TARGET_AVX512 inline void transposed_unit(const std::uint8_t* block, const DecodeTables& tables, __m512 a,
+                                                 __m512* acc) {
+  acc[4 * U + 0] = _mm512_fmadd_ps(decode_slice<Bits, U, 0>(block, tables), a, acc[4 * U + 0]);
+  acc[4 * U + 1] = _mm512_fmadd_ps(decode_slice<Bits, U, 1>(block, tables), a, acc[4 * U + 1]);
+  acc[4 * U + 2] = _mm512_fmadd_ps(decode_slice<Bits, U, 2>(block, tables), a, acc[4 * U + 2]);
+  acc[4 * U + 3] = _mm512_fmadd_ps(decode_slice<Bits, U, 3>(block, tables), a, acc[4 * U + 3]);
+}
+
+// Output-axis groups (W^T stored, stored row i = input column i): the 256 outputs of
+// block column `blk`, y_o = sum_i a_{i,g(o)} q_io - sum_i a_{i,g(o)} z_{i,g(o)} with
+// a_ig = s_ig x_i. The accumulators hold the block in lane order; every output sums
+// over the stored rows in order, whatever thread runs the block.
+template <int Bits, ScaleMode Mode>
+LOWBIT_TARGET_AVX512 void gemv_transposed_block(const QuantizedMatrix<float>& W, const float* x,
+                                                const LaneGroups* lane_groups, Index blk, float* y) {
+  constexpr Index block_bytes = kBlockCodes * Bits / 8;
+  const Index n = W.stored_cols(), group = W.group_length(), groups = W.groups_per_row();
+  const Index begin = blk * kBlockCodes, length = std::min(kBlockCodes, n - begin);
+  const Index units = (length + kUnit - 1) / kUnit, first_unit = begin / kUnit;
+  const Index first_group = begin / group, last_group = (begin + length - 1) / group;
+  const bool full = length == kBlockCodes;
+  const DecodeTables tables = decode_tables<Bits>();
+  __m512 acc[16];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  float offsets[kBlockCodes] = {};  // sum_i a_ig z_ig for the groups this block touches
+  alignas(64) std::uint8_t tail[block_bytes + kOverread] = {};
+  const std::uint8_t* storage_end = W.packed_codes().data() + W.packed_codes().size();
+  for (Index i = 0; i < W.stored_rows(); ++i) {
+    const std::uint8_t* block = W.packed_row(i) + blk * block_bytes;
+    if (!full) {  // a short last block, repacked as a full one
+      std::uint8_t codes[kBlockCodes] = {};
+      scalar::unpack_block(block, padded_codes(length), Bits, codes);
+      avx2::pack_full_block<Bits>(codes, tail);
+      block = tail;
+    } else if (storage_end - block < block_bytes + kOverread) {
+      std::copy(block, block + block_bytes, tail);
+      block = tail;
+    }
+    const float* scales = W.scales().data() + i * groups;
+    const float* zeros = W.zeros().data() + i * groups;
+    for (Index g = first_group; g <= last_group; ++g) offsets[g - first_group] += scales[g] * x[i] * zeros[g];
+    __m512 a[4];
+    for (Index u = 0; u < units; ++u) {
+      if constexpr (Mode == ScaleMode::PerLane) {
+        const auto plan_unit = static_cast<std::size_t>(first_unit + u);
+        const __m512i index = _mm512_loadu_si512(lane_groups->offset.data() + plan_unit * kLanes);
+        const int count = lane_groups->count[plan_unit];
+        const __mmask16 mask = static_cast<__mmask16>(count >= kLanes ? 0xFFFF : (1u << count) - 1u);
+        const __m512 s = _mm512_maskz_loadu_ps(mask, scales + lane_groups->first[plan_unit]);
+        a[u] = _mm512_mul_ps(_mm512_permutexvar_ps(index, s), _mm512_set1_ps(x[i]));
+      } else {
+        a[u] = _mm512_set1_ps(scales[(begin + kUnit * u) / group] * x[i]);
+      }
+    }
+    // Units past the end hold zero codes; their a is a copy of the last real one.
+    for (Index u = units; u < 4; ++u) a[u] = a[units - 1];
+    transposed_unit<Bits, 0>(block, tables, a[0], acc);
+    transposed_unit<Bits, 1>(block, tables, a[1], acc);
+    transposed_unit<Bits, 2>(block, tables, a[2], acc);
+    transposed_unit<Bits, 3>(block, tables, a[3], acc);
+  }
+  alignas(64) float lanes[kBlockCodes];
+  for (int s = 0; s < 16; ++s) _mm512_store_ps(lanes + kLanes * s, acc[s]);
+  for (Index o = 0; o < length; ++o)
+    y[begin + o] = lanes[lane_position(o, kLanes)] - offsets[(begin + o) / group - first_group];
+}
+
+}  // namespace lowbit::detail::avx512
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#endif  // LOWBIT_HAVE_AVX512

@@ -1,0 +1,127 @@
+// What a GEMV call computes once from x and shares across all rows: x in stored column
+// order (act-order permutation applied once), zero-padded to whole 256-code blocks and
+// laid out in the SIMD kernels' lane order, plus the per-group sums of x that fold the
+// zero-point out of the inner loop:
+//
+//   sum_{j in g} (q_j - z_g) s_g x_j = s_g * (sum_{j in g} q_j x_j - z_g * S_g),
+//   S_g = sum_{j in g} x_j.
+//
+// Lane order. The SIMD kernels read a block's packed bytes as 32-bit lanes, so one
+// shift + mask yields, in lane k, code 4k + b of a unit of 4 * lanes consecutive codes
+// (b = 0..3 is the byte within the lane; see pack/layout.hpp). Instead of shuffling
+// codes into natural order for every row, x is shuffled once to match: within each unit,
+// x[4k + b] moves to position b * lanes + k.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "lowbit/core/quantized_matrix.hpp"
+#include "lowbit/core/types.hpp"
+#include "lowbit/pack/layout.hpp"
+
+namespace lowbit::detail {
+
+// Lanes per vector of the kernel: 0 (scalar, natural order), 8 (AVX2) or 16 (AVX-512).
+[[nodiscard]] constexpr Index unit_codes(int lanes) { return 4 * static_cast<Index>(lanes); }
+
+// Position of stored column c in the lane order of `lanes`-wide vectors.
+[[nodiscard]] constexpr Index lane_position(Index c, int lanes) {
+  if (lanes == 0) return c;
+  const Index unit = unit_codes(lanes), within = c % unit;
+  return c - within + (within % 4) * lanes + within / 4;
+}
+
+// Stored row length rounded up to whole blocks: the SIMD kernels read whole blocks.
+[[nodiscard]] constexpr Index block_padded(Index n) { return (n + kBlockCodes - 1) / kBlockCodes * kBlockCodes; }
+
+// x in stored column order: x[permutation[j]] (input-axis groups only).
+template <class T, class Vec>
+void gather_stored_order(const QuantizedMatrix<T>& W, const Vec& x, T* out) {
+  const auto& permutation = W.permutation();
+  const Index n = W.cols();
+  if (permutation.empty()) {
+    for (Index j = 0; j < n; ++j) out[j] = x[j];
+  } else {
+    for (Index j = 0; j < n; ++j) out[j] = x[permutation[static_cast<std::size_t>(j)]];
+  }
+}
+
+template <class T>
+struct GemvInput {
+  std::vector<T> x;           // stored order, block-padded with zeros, in lane order
+  std::vector<T> group_sums;  // S_g of the stored-order x, one per group of a stored row
+  int lanes = 0;
+};
+
+// Prepares x for a non-transposed matrix (stored rows = output rows).
+template <class T, class Vec>
+GemvInput<T> prepare_gemv_input(const QuantizedMatrix<T>& W, const Vec& x, int lanes) {
+  const Index n = W.stored_cols(), group = W.group_length();
+  std::vector<T> stored(static_cast<std::size_t>(n));
+  gather_stored_order(W, x, stored.data());
+
+  GemvInput<T> input;
+  input.lanes = lanes;
+  input.x.assign(static_cast<std::size_t>(block_padded(n)), T(0));
+  if (lanes == 0) {
+    std::copy(stored.begin(), stored.end(), input.x.begin());
+  } else {  // lane_position, unit by unit
+    const Index unit = unit_codes(lanes);
+    for (Index start = 0; start < n; start += unit)
+      for (Index k = 0; k < lanes; ++k)
+        for (Index b = 0; b < 4 && start + 4 * k + b < n; ++b)
+          input.x[static_cast<std::size_t>(start + b * lanes + k)] = stored[static_cast<std::size_t>(start + 4 * k + b)];
+  }
+
+  // S_g in double, rounded once: the fold's only extra rounding is then that of S_g itself.
+  input.group_sums.resize(static_cast<std::size_t>(W.groups_per_row()));
+  for (Index g = 0; g < W.groups_per_row(); ++g) {
+    double sum = 0;
+    for (Index j = g * group; j < std::min(n, (g + 1) * group); ++j) sum += static_cast<double>(stored[static_cast<std::size_t>(j)]);
+    input.group_sums[static_cast<std::size_t>(g)] = static_cast<T>(sum);
+  }
+  return input;
+}
+
+// Per-lane groups for group sizes that split a unit (group_size % 4 == 0, not a
+// multiple of the unit). Lane k of unit u covers codes u*U + 4k .. u*U + 4k + 3, which
+// share a group, so lane k's scale is scales[first[u] + offset[u*lanes + k]]; a unit
+// touches count[u] <= lanes groups, read with one masked load and one permute.
+struct LaneGroups {
+  std::vector<std::int32_t> first, count, offset;
+};
+
+[[nodiscard]] inline LaneGroups lane_groups(Index n, Index group_size, int lanes) {
+  const Index unit = unit_codes(lanes), units = (n + unit - 1) / unit;
+  const Index groups = (n + group_size - 1) / group_size;
+  LaneGroups plan;
+  plan.first.resize(static_cast<std::size_t>(units));
+  plan.count.resize(static_cast<std::size_t>(units));
+  plan.offset.resize(static_cast<std::size_t>(units * lanes));
+  for (Index u = 0; u < units; ++u) {
+    const Index first = u * unit / group_size;
+    const Index last = std::min(groups - 1, (u * unit + unit - 1) / group_size);
+    plan.first[static_cast<std::size_t>(u)] = static_cast<std::int32_t>(first);
+    plan.count[static_cast<std::size_t>(u)] = static_cast<std::int32_t>(last - first + 1);
+    for (Index k = 0; k < lanes; ++k) {
+      // Lanes past the row's end hold zero x; any in-range group serves them.
+      const Index g = std::min(last, (u * unit + 4 * k) / group_size);
+      plan.offset[static_cast<std::size_t>(u * lanes + k)] = static_cast<std::int32_t>(g - first);
+    }
+  }
+  return plan;
+}
+
+// How a SIMD kernel applies scales for a matrix: once per group when every unit lies in
+// one group, per lane when groups split units, or not at all (generic path) otherwise.
+enum class ScaleMode { PerGroup, PerLane, Generic };
+
+[[nodiscard]] inline ScaleMode scale_mode(Index n, Index group_size, int lanes) {
+  if (n <= group_size || group_size % unit_codes(lanes) == 0) return ScaleMode::PerGroup;
+  if (group_size % 4 == 0) return ScaleMode::PerLane;
+  return ScaleMode::Generic;
+}
+
+}  // namespace lowbit::detail

@@ -1,0 +1,501 @@
+// y = W x with int8 activations: lowbit::gemv_int8, the path fast CPU engines take for
+// decode. x is quantized once per call, per block of consecutive stored columns (the
+// group itself when groups are 64..256 long and a multiple of 64, else 64 columns):
+//   d_b = max_{j in b} |x_j| / 127,   xq_j = round(x_j / d_b) in [-127, 127],
+// and every row then takes integer dot products of its codes (unsigned bytes) with xq
+// (AVX-512 VNNI vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd), scaled per block in float:
+//   y_r = sum_g s_g * (sum_{b} d_b * sum_{j in b, g} q_j xq_j - z_g * S^_g),
+//   S^_g = sum_{j in g} d_b(j) xq_j,
+// which is exactly W_hat x^ for the quantized input x^_j = d_b xq_j: the only error
+// beyond float rounding is |x^_j - x_j| <= d_b / 2 per input. With one block per group,
+// a group's integer sum is converted and scaled once (by s_g d_g, formed per row).
+//
+// The integer path covers input-axis groups whose size is a multiple of 32 (or one
+// group per row) and codes of up to 7 bits on AVX2 (8-bit codes would saturate
+// vpmaddubsw); other matrices, and double, run lowbit::gemv.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "lowbit/core/error.hpp"
+#include "lowbit/core/isa.hpp"
+#include "lowbit/core/quantized_matrix.hpp"
+#include "lowbit/core/threading.hpp"
+#include "lowbit/kernels/gemv.hpp"
+#include "lowbit/kernels/gemv_avx512.hpp"
+#include "lowbit/pack/avx2.hpp"
+#include "lowbit/pack/avx512.hpp"
+#include "lowbit/pack/scalar.hpp"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 AVX-512 headers, see pack/avx512.hpp
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace lowbit::detail {
+
+// Inputs per int8 scale for a row of n codes in groups of `group_length`.
+[[nodiscard]] inline Index activation_block(Index n, Index group_length) {
+  if (group_length < n && group_length % 64 == 0 && group_length <= 256) return group_length;
+  return 64;
+}
+
+// One activation block (a multiple of 8 inputs): returns d = max |x| / 127 and writes
+// xq = clamp(round(x / d), -127, 127). Adding and subtracting 1.5 * 2^23 rounds
+// |v| < 2^22 to the nearest integer, ties to even, as std::nearbyint does in the
+// default rounding mode; the AVX2 version computes the same values 8 at a time.
+inline float quantize_activation_block_scalar(const float* x, Index length, std::int8_t* out) {
+  constexpr float kRound = 12582912.0f;
+  float max_abs = 0;
+  for (Index j = 0; j < length; ++j) max_abs = std::max(max_abs, std::abs(x[j]));
+  const float d = max_abs / 127.0f;
+  for (Index j = 0; j < length; ++j) {
+    const float shifted = d == 0 ? kRound : x[j] / d + kRound;  // IEEE arithmetic: never reassociated
+    out[j] = static_cast<std::int8_t>(std::clamp(shifted - kRound, -127.0f, 127.0f));
+  }
+  return d;
+}
+
+#if defined(LOWBIT_HAVE_AVX2)
+LOWBIT_TARGET_AVX2 inline float quantize_activation_block_avx2(const float* x, Index length, std::int8_t* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 max_abs = _mm256_setzero_ps();
+  for (Index j = 0; j < length; j += 8) max_abs = _mm256_max_ps(max_abs, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(max_abs), _mm256_extractf128_ps(max_abs, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float d = _mm_cvtss_f32(m) / 127.0f;
+  if (d == 0) {
+    std::fill(out, out + length, std::int8_t{0});
+    return d;
+  }
+  const __m256 divisor = _mm256_set1_ps(d), round = _mm256_set1_ps(12582912.0f);
+  const __m256 low = _mm256_set1_ps(-127.0f), high = _mm256_set1_ps(127.0f);
+  for (Index j = 0; j < length; j += 8) {
+    const __m256 shifted = _mm256_add_ps(_mm256_div_ps(_mm256_loadu_ps(x + j), divisor), round);
+    const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(shifted, round), low), high);
+    const __m128i lanes = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(_mm256_cvtps_epi32(q), _mm256_setzero_si256()), _mm256_setzero_si256()),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + j), lanes);
+  }
+  return d;
+}
+#endif
+
+
+struct Int8Input {
+  Index block = 64;                  // inputs per scale
+  std::vector<std::int8_t> xq;       // stored order, padded to whole 256-code blocks with zeros
+  std::vector<float> block_scales;   // d_b
+  std::vector<float> group_sums;     // S^_g
+  std::vector<std::int32_t> half_groups;  // group of each 32 stored columns (kernels: no division)
+};
+
+// x (logical order) -> stored order, quantized per activation block (the AVX2 and
+// scalar quantizers give the same bytes).
+inline Int8Input quantize_activation(const QuantizedMatrix<float>& W, const float* x, Isa isa) {
+  const Index n = W.stored_cols(), padded = block_padded(n), group = W.group_length();
+  Int8Input input;
+  input.block = activation_block(n, group);
+  const Index blocks = (padded + input.block - 1) / input.block;
+  std::vector<float> stored(static_cast<std::size_t>(blocks * input.block), 0.0f);
+  gather_stored_order(W, x, stored.data());
+  input.xq.assign(stored.size(), 0);
+  input.block_scales.assign(static_cast<std::size_t>(blocks), 0.0f);
+  const bool simd = isa == Isa::Avx2 || isa == Isa::Avx512;
+  for (Index b = 0; b < blocks; ++b) {
+    const float* block_x = stored.data() + b * input.block;
+    std::int8_t* block_q = input.xq.data() + b * input.block;
+    float& d = input.block_scales[static_cast<std::size_t>(b)];
+#if defined(LOWBIT_HAVE_AVX2)
+    if (simd) {
+      d = quantize_activation_block_avx2(block_x, input.block, block_q);
+      continue;
+    }
+#endif
+    d = quantize_activation_block_scalar(block_x, input.block, block_q);
+  }
+  (void)simd;
+  const Index groups = W.groups_per_row();
+  input.half_groups.resize(static_cast<std::size_t>(padded / 32));
+  for (std::size_t h = 0; h < input.half_groups.size(); ++h)
+    input.half_groups[h] = static_cast<std::int32_t>(std::min<Index>(groups - 1, static_cast<Index>(h) * 32 / group));
+  // S^_g, walking blocks and groups together (no division per input).
+  std::vector<double> sums(static_cast<std::size_t>(groups), 0.0);
+  Index g = 0, group_end = group;
+  for (Index b = 0; b * input.block < n; ++b) {
+    const double d = input.block_scales[static_cast<std::size_t>(b)];
+    for (Index j = b * input.block; j < std::min(n, (b + 1) * input.block); ++j) {
+      if (j == group_end) {
+        ++g;
+        group_end += group;
+      }
+      sums[static_cast<std::size_t>(g)] += d * input.xq[static_cast<std::size_t>(j)];
+    }
+  }
+  input.group_sums.assign(sums.begin(), sums.end());
+  return input;
+}
+
+// Whether the integer path takes this matrix on `isa` (else gemv_int8 runs gemv).
+[[nodiscard]] inline bool int8_path_applies(const QuantizedMatrix<float>& W, Isa isa) {
+  const bool groups_fit = W.group_length() >= W.stored_cols() || W.group_length() % 32 == 0;
+  if (W.transposed() || !groups_fit) return false;
+  if (isa == Isa::Avx2) return W.spec().bits <= 7;
+  return true;
+}
+
+namespace scalar {
+
+// The integer path in plain C++: exact integer dots per (block, group) piece.
+inline void gemv_int8_rows(const QuantizedMatrix<float>& W, const Int8Input& input, Index first, Index count,
+                           std::uint8_t* codes, float* y) {
+  const Index n = W.stored_cols(), group = W.group_length(), groups = W.groups_per_row();
+  for (Index r = first; r < first + count; ++r) {
+    detail::unpack_row(W.packed_row(r), n, W.spec().bits, codes, Isa::Scalar);
+    const float* scales = W.scales().data() + r * groups;
+    const float* zeros = W.zeros().data() + r * groups;
+    float sum = 0;
+    for (Index g = 0; g < groups; ++g) {
+      float dot = 0;
+      const Index block = input.block;
+      for (Index b = g * group / block; b * block < std::min(n, (g + 1) * group); ++b) {
+        std::int32_t integer = 0;
+        for (Index j = std::max(b * block, g * group); j < std::min({n, (b + 1) * block, (g + 1) * group}); ++j)
+          integer += codes[j] * input.xq[static_cast<std::size_t>(j)];
+        dot += input.block_scales[static_cast<std::size_t>(b)] * static_cast<float>(integer);
+      }
+      sum += scales[g] * (dot - zeros[g] * input.group_sums[static_cast<std::size_t>(g)]);
+    }
+    y[r - first] = sum;
+  }
+}
+
+}  // namespace scalar
+
+// The last block of a row as a full block (zero padded), for rows ending inside one.
+template <int Bits>
+void repack_tail_block(const std::uint8_t* row, Index n, std::uint8_t* out) {
+  const Index full_blocks = n / kBlockCodes;
+  std::uint8_t codes[kBlockCodes] = {};
+  scalar::unpack_block(row + full_blocks * kBlockCodes * Bits / 8, padded_codes(n) - full_blocks * kBlockCodes, Bits,
+                       codes);
+  scalar::pack_row(codes, kBlockCodes, Bits, out);
+}
+
+struct Int8RowsArgs {
+  const Int8Input* input;
+  Index n, groups;
+  Index chunks_per_group;  // ScaleBlock::Group: integer sums run this many chunks
+};
+
+// How a kernel scales its integer sums: once per group (one activation block per
+// group), or per chunk (64-code activation blocks; a chunk may straddle two groups of
+// 32, TwoGroups).
+enum class ScaleBlock { Group, Chunk, TwoGroups };
+
+[[nodiscard]] inline ScaleBlock scale_block(const Int8Input& input, Index n, Index group_length) {
+  if (input.block == group_length) return ScaleBlock::Group;
+  return group_length % 64 == 0 || group_length >= n ? ScaleBlock::Chunk : ScaleBlock::TwoGroups;
+}
+
+#if defined(LOWBIT_HAVE_AVX512)
+namespace avx512 {
+
+// vpmultishiftqb controls that move plane P's bits of chunk M (codes 64M .. 64M+63 of a
+// full block) to the code's bit position in output byte j: the plane's byte for code
+// c = 64M + j is (64M) % L + j (or j % 32 for the 32-byte 1-bit plane, read into both
+// halves), its bit p * (c / L); each output byte takes the 8 bits starting there,
+// minus the plane's shift within the code (offsets wrap within the 64-bit word).
+template <int Bits, int P, int M>
+struct ChunkControl {
+  static constexpr std::array<std::uint8_t, 64> bytes = [] {
+    constexpr Plane plane = planes_for_bits(Bits).planes[P];
+    constexpr int L = 32 * plane.width;
+    std::array<std::uint8_t, 64> control{};
+    for (int j = 0; j < 64; ++j) {
+      const int bit = plane.width * ((64 * M + j) / L);
+      control[static_cast<std::size_t>(j)] = static_cast<std::uint8_t>((8 * (j % 8) + bit - plane.shift + 64) % 64);
+    }
+    return control;
+  }();
+  // Every byte takes its own bits: no select needed.
+  static constexpr bool identity = [] {
+    for (int j = 0; j < 64; ++j)
+      if (bytes[static_cast<std::size_t>(j)] != 8 * (j % 8)) return false;
+    return true;
+  }();
+};
+
+// Plane P's part of the codes of chunk M, masked to its bits.
+template <int Bits, int P, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline __m512i
+plane_chunk(const std::uint8_t* block) {
+  constexpr PlaneSet set = planes_for_bits(Bits);
+  constexpr Plane plane = set.planes[P];
+  constexpr int L = 32 * plane.width;
+  const std::uint8_t* bytes = block + plane_byte_offset(set, P);
+  const __m512i v = L >= 64 ? _mm512_loadu_si512(bytes + (64 * M) % L)
+                            : _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>(((1 << plane.width) - 1) << plane.shift));
+  using Control = ChunkControl<Bits, P, M>;
+  if constexpr (Control::identity) return plane.width == 8 ? v : _mm512_and_si512(v, mask);
+  else return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_loadu_si512(Control::bytes.data()), v), mask);
+}
+
+template <int Bits, int P, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline __m512i
+combine_chunk(const std::uint8_t* block) {
+  if constexpr (P + 1 < planes_for_bits(Bits).count)
+    return _mm512_or_si512(plane_chunk<Bits, P, M>(block), combine_chunk<Bits, P + 1, M>(block));
+  else return plane_chunk<Bits, P, M>(block);
+}
+
+// Codes 64M .. 64M+63 of a full block, one per byte (as pack/avx512.hpp's unpack_chunk),
+// with bit-field selects on port 5 instead of shifts on port 0, which vpdpbusd needs.
+template <int Bits, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline __m512i
+codes_chunk(const std::uint8_t* block) {
+  return combine_chunk<Bits, 0, M>(block);
+}
+
+// s_g d_g for the groups of one row, 16 at a time.
+LOWBIT_TARGET_AVX512 inline void group_factors(const float* scales, const float* block_scales, Index groups, float* out) {
+  for (Index g = 0; g < groups; g += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(groups - g >= 16 ? 0xFFFF : (1u << (groups - g)) - 1u);
+    _mm512_mask_storeu_ps(out + g, mask,
+                          _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scales + g), _mm512_maskz_loadu_ps(mask, block_scales + g)));
+  }
+}
+
+// One 64-code chunk of Rows rows. ScaleBlock::Group: integer sums run on and are
+// converted and scaled when the group ends; otherwise each chunk is scaled by its
+// block's d and, per half, by its group's s.
+template <int Bits, int Rows, ScaleBlock Mode, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline bool int8_chunk(
+    const Int8RowsArgs& args, const std::uint8_t* const* blocks, const float* const* scales, const float* factors,
+    Index groups, Index blk, Index& chunks_left, Index& group, __m512i* dot, __m512* total) {
+  const Index chunk = 4 * blk + M, start = 64 * chunk;
+  if (start >= args.n) return false;
+  const Int8Input& input = *args.input;
+  const __m512i xq = _mm512_loadu_si512(input.xq.data() + start);
+  if constexpr (Mode == ScaleBlock::Group) {
+    for (int r = 0; r < Rows; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], codes_chunk<Bits, M>(blocks[r]), xq);
+    if (--chunks_left == 0 || start + 64 >= args.n) {
+      for (int r = 0; r < Rows; ++r) {
+        total[r] = _mm512_fmadd_ps(_mm512_set1_ps(factors[r * groups + group]), _mm512_cvtepi32_ps(dot[r]), total[r]);
+        dot[r] = _mm512_setzero_si512();
+      }
+      ++group;
+      chunks_left = args.chunks_per_group;
+    }
+  } else {
+    const __m512 d = _mm512_set1_ps(input.block_scales[static_cast<std::size_t>(chunk)]);
+    const auto half = static_cast<std::size_t>(2 * chunk);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes_chunk<Bits, M>(blocks[r]), xq);
+      __m512 s = _mm512_set1_ps(scales[r][input.half_groups[half]]);
+      if constexpr (Mode == ScaleBlock::TwoGroups)
+        s = _mm512_mask_blend_ps(0xFF00, s, _mm512_set1_ps(scales[r][input.half_groups[half + 1]]));
+      total[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), d), total[r]);
+    }
+  }
+  return true;
+}
+
+template <int Bits, int Rows, ScaleBlock Mode>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) void gemv_int8_rows(
+    const Int8RowsArgs& args, const std::uint8_t* const* rows, const float* const* scales, const float* const* zeros,
+    float* y) {
+  constexpr Index block_bytes = kBlockCodes * Bits / 8;
+  const Index blocks = (args.n + kBlockCodes - 1) / kBlockCodes, full_blocks = args.n / kBlockCodes;
+  alignas(64) std::uint8_t tail[Rows][block_bytes];
+  if (full_blocks < blocks)
+    for (int r = 0; r < Rows; ++r) repack_tail_block<Bits>(rows[r], args.n, tail[r]);
+  thread_local std::vector<float> factors;
+  if constexpr (Mode == ScaleBlock::Group) {
+    factors.resize(static_cast<std::size_t>(Rows * args.groups));
+    for (int r = 0; r < Rows; ++r)
+      group_factors(scales[r], args.input->block_scales.data(), args.groups, factors.data() + r * args.groups);
+  }
+  __m512 total[Rows];
+  __m512i dot[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    total[r] = _mm512_setzero_ps();
+    dot[r] = _mm512_setzero_si512();
+  }
+  Index chunks_left = args.chunks_per_group, group = 0;
+  for (Index blk = 0; blk < blocks; ++blk) {
+    const std::uint8_t* block[Rows];
+    for (int r = 0; r < Rows; ++r) block[r] = blk < full_blocks ? rows[r] + blk * block_bytes : tail[r];
+    if (!int8_chunk<Bits, Rows, Mode, 0>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, 1>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, 2>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, 3>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total))
+      break;
+  }
+  for (int r = 0; r < Rows; ++r)
+    y[r] = _mm512_reduce_add_ps(total[r]) -
+           zero_correction(scales[r], zeros[r], args.input->group_sums.data(), args.groups);
+}
+
+// The 512-bit integer kernel needs VNNI (vpdpbusd) and VBMI (vpmultishiftqb).
+[[nodiscard]] inline bool has_vnni_vbmi() {
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+}
+
+}  // namespace avx512
+#endif
+
+#if defined(LOWBIT_HAVE_AVX2)
+namespace avx2 {
+
+// One 32-code chunk of Rows rows (one group; half of a 64-code activation block, or
+// part of a group-long one). Codes <= 127 keep vpmaddubsw's pair sums within int16.
+template <int Bits, int Rows, ScaleBlock Mode, int M>
+LOWBIT_TARGET_AVX2 inline bool int8_chunk(const Int8RowsArgs& args, const std::uint8_t* const* blocks,
+                                          const float* const* scales, Index blk, Index& chunks_left, Index& group,
+                                          __m256i* dot, __m256* total) {
+  const Index chunk = 8 * blk + M, start = 32 * chunk;
+  if (start >= args.n) return false;
+  const Int8Input& input = *args.input;
+  const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(input.xq.data() + start));
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (Mode == ScaleBlock::Group) {
+    for (int r = 0; r < Rows; ++r)
+      dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_chunk<Bits>(blocks[r], M), xq), ones));
+    if (--chunks_left == 0 || start + 32 >= args.n) {
+      const float d = input.block_scales[static_cast<std::size_t>(group)];
+      for (int r = 0; r < Rows; ++r) {
+        total[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[r][group] * d), _mm256_cvtepi32_ps(dot[r]), total[r]);
+        dot[r] = _mm256_setzero_si256();
+      }
+      ++group;
+      chunks_left = args.chunks_per_group;
+    }
+  } else {
+    const float d = input.block_scales[static_cast<std::size_t>(chunk / 2)];
+    const auto g = static_cast<std::size_t>(input.half_groups[static_cast<std::size_t>(chunk)]);
+    for (int r = 0; r < Rows; ++r) {
+      const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_chunk<Bits>(blocks[r], M), xq), ones);
+      total[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[r][g] * d), _mm256_cvtepi32_ps(sum), total[r]);
+    }
+  }
+  return true;
+}
+
+template <int Bits, int Rows, ScaleBlock Mode>
+LOWBIT_TARGET_AVX2 void gemv_int8_rows(const Int8RowsArgs& args, const std::uint8_t* const* rows,
+                                       const float* const* scales, const float* const* zeros, float* y) {
+  constexpr Index block_bytes = kBlockCodes * Bits / 8;
+  const Index blocks = (args.n + kBlockCodes - 1) / kBlockCodes, full_blocks = args.n / kBlockCodes;
+  alignas(32) std::uint8_t tail[Rows][block_bytes];
+  if (full_blocks < blocks)
+    for (int r = 0; r < Rows; ++r) repack_tail_block<Bits>(rows[r], args.n, tail[r]);
+  __m256 total[Rows];
+  __m256i dot[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    total[r] = _mm256_setzero_ps();
+    dot[r] = _mm256_setzero_si256();
+  }
+  Index chunks_left = args.chunks_per_group, group = 0;
+  for (Index blk = 0; blk < blocks; ++blk) {
+    const std::uint8_t* block[Rows];
+    for (int r = 0; r < Rows; ++r) block[r] = blk < full_blocks ? rows[r] + blk * block_bytes : tail[r];
+    if (!int8_chunk<Bits, Rows, Mode, 0>(args, block, scales, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, 1>(args, block, scales, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, 2>(args, block, scales, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, 3>(args, block, scales, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, 4>(args, block, scales, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, 5>(args, block, scales, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, 6>(args, block, scales, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, 7>(args, block, scales, blk, chunks_left, group, dot, total))
+      break;
+  }
+  for (int r = 0; r < Rows; ++r)
+    y[r] = reduce_add(total[r]) - zero_correction(scales[r], zeros[r], args.input->group_sums.data(), args.groups);
+}
+
+}  // namespace avx2
+#endif
+
+// Which integer kernel runs: 2 = AVX-512 VNNI + VBMI, 1 = AVX2, 0 = scalar.
+[[nodiscard]] inline int int8_kernel(Isa isa) {
+#if defined(LOWBIT_HAVE_AVX512)
+  if (isa == Isa::Avx512 && avx512::has_vnni_vbmi()) return 2;
+#endif
+#if defined(LOWBIT_HAVE_AVX2)
+  if (isa == Isa::Avx2 || isa == Isa::Avx512) return 1;
+#endif
+  return 0;
+}
+
+inline void gemv_int8(const QuantizedMatrix<float>& W, const float* x, float* y, Isa isa) {
+  const int kernel = int8_kernel(isa);
+  if (W.rows() == 0 || W.cols() == 0 || !int8_path_applies(W, kernel == 1 ? Isa::Avx2 : isa)) {
+    gemv(W, x, y, isa);
+    return;
+  }
+  const Int8Input input = quantize_activation(W, x, isa);
+  const Index rows = W.rows(), n = W.stored_cols();
+  const ScaleBlock mode = scale_block(input, n, W.group_length());
+  const Int8RowsArgs args{&input, n, W.groups_per_row(), kernel == 2 ? input.block / 64 : input.block / 32};
+  const Index tasks = (rows + kKernelRows - 1) / kKernelRows;
+  with_bits(W.spec().bits, [&](auto bits_constant) {
+    constexpr int Bits = decltype(bits_constant)::value;
+    const auto run = [&](auto mode_constant) {
+      constexpr ScaleBlock Mode = decltype(mode_constant)::value;
+      parallel_for(tasks, [&](Index task) {
+        const Index first = task * kKernelRows, count = std::min(kKernelRows, rows - first);
+        if (kernel == 0) {
+          thread_local std::vector<std::uint8_t> codes;
+          codes.resize(static_cast<std::size_t>(n));
+          return scalar::gemv_int8_rows(W, input, first, count, codes.data(), y + first);
+        }
+#if defined(LOWBIT_HAVE_AVX512)
+        if (kernel == 2)
+          return row_blocks(W, first, count, y + first,
+                            [&](auto... a) { avx512::gemv_int8_rows<Bits, kKernelRows, Mode>(args, a...); },
+                            [&](auto... a) { avx512::gemv_int8_rows<Bits, 1, Mode>(args, a...); });
+#endif
+#if defined(LOWBIT_HAVE_AVX2)
+        // 8-bit codes never get here (int8_path_applies); a 32-code chunk is in one group.
+        constexpr ScaleBlock Avx2Mode = Mode == ScaleBlock::Group ? ScaleBlock::Group : ScaleBlock::Chunk;
+        if constexpr (Bits <= 7)
+          row_blocks(W, first, count, y + first,
+                     [&](auto... a) { avx2::gemv_int8_rows<Bits, kKernelRows, Avx2Mode>(args, a...); },
+                     [&](auto... a) { avx2::gemv_int8_rows<Bits, 1, Avx2Mode>(args, a...); });
+#endif
+      }, min_parallel_tasks(tasks, rows * n));
+    };
+    if (mode == ScaleBlock::Group) run(std::integral_constant<ScaleBlock, ScaleBlock::Group>{});
+    else if (mode == ScaleBlock::Chunk) run(std::integral_constant<ScaleBlock, ScaleBlock::Chunk>{});
+    else run(std::integral_constant<ScaleBlock, ScaleBlock::TwoGroups>{});
+  });
+}
+
+}  // namespace lowbit::detail
+
+namespace lowbit {
+
+// y = W x with x quantized to int8 per 32 inputs (see above): faster than gemv, with the
+// error of an int8 input, |y - W_hat x| <= sum_j |w_hat_j| d_b(j) / 2 plus float
+// rounding. Throws lowbit::Error on a shape mismatch or a non-finite x.
+inline void gemv_int8(const QuantizedMatrix<float>& W, const Eigen::Ref<const Vector<float>>& x,
+                      Eigen::Ref<Vector<float>> y) {
+  detail::check_gemv_shapes(W, x.size(), y.size());
+  detail::require_finite(x, "x");
+  detail::gemv_int8(W, x.data(), y.data(), active_isa());
+}
+
+}  // namespace lowbit
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

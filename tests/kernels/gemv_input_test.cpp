@@ -1,0 +1,89 @@
+// Preparing x for the GEMV kernels: stored order, lane order, group sums, and the
+// per-lane group plan.
+#include "lowbit/kernels/gemv_input.hpp"
+
+#include <gtest/gtest.h>
+
+#include <set>
+
+#include "kernel_test_util.hpp"
+
+namespace lowbit {
+namespace {
+
+TEST(GemvInput, LanePositionPermutesEachUnit) {
+  for (int lanes : {8, 16}) {
+    const Index unit = detail::unit_codes(lanes);
+    for (Index start : {Index{0}, unit, 5 * unit}) {
+      std::set<Index> seen;
+      for (Index c = start; c < start + unit; ++c) {
+        const Index p = detail::lane_position(c, lanes);
+        EXPECT_GE(p, start);
+        EXPECT_LT(p, start + unit);
+        seen.insert(p);
+      }
+      EXPECT_EQ(static_cast<Index>(seen.size()), unit) << lanes;
+    }
+    // Code 4k + b of a unit sits in lane k of slice b.
+    EXPECT_EQ(detail::lane_position(4 * 3 + 2, lanes), 2 * lanes + 3);
+    EXPECT_EQ(detail::lane_position(unit + 1, lanes), unit + lanes);
+  }
+  EXPECT_EQ(detail::lane_position(37, 0), 37);
+}
+
+TEST(GemvInput, PermutesOncePadsWithZerosAndSumsGroups) {
+  const test::Case c{4, 300, 4, 64, GroupAxis::Input, true};
+  const auto q = test::quantized_case<float>(c, 3);
+  const Vector<float> x = test::random_matrix<float>(c.cols, 1, 4);
+  for (int lanes : {0, 8, 16}) {
+    const auto input = detail::prepare_gemv_input(q, x.data(), lanes);
+    ASSERT_EQ(static_cast<Index>(input.x.size()), 512);  // two whole blocks
+    for (Index j = 0; j < 512; ++j) {
+      const float expected = j < c.cols ? x[q.permutation()[static_cast<std::size_t>(j)]] : 0.0f;
+      EXPECT_EQ(input.x[static_cast<std::size_t>(detail::lane_position(j, lanes))], expected) << j;
+    }
+    ASSERT_EQ(static_cast<Index>(input.group_sums.size()), 5);
+    for (Index g = 0; g < 5; ++g) {
+      double sum = 0;
+      for (Index j = 64 * g; j < std::min<Index>(c.cols, 64 * (g + 1)); ++j)
+        sum += x[q.permutation()[static_cast<std::size_t>(j)]];
+      EXPECT_EQ(input.group_sums[static_cast<std::size_t>(g)], static_cast<float>(sum)) << g;
+    }
+  }
+}
+
+TEST(GemvInput, LaneGroupsGiveEachLaneItsGroup) {
+  for (int lanes : {8, 16})
+    for (Index group : {4, 12, 32, 100}) {
+      const Index n = 1000, unit = detail::unit_codes(lanes);
+      const auto plan = detail::lane_groups(n, group, lanes);
+      const Index groups = (n + group - 1) / group;
+      for (Index u = 0; u * unit < n; ++u) {
+        const auto count = plan.count[static_cast<std::size_t>(u)];
+        EXPECT_GE(count, 1);
+        EXPECT_LE(count, lanes);  // one masked load of `lanes` scales covers the unit
+        EXPECT_LE(plan.first[static_cast<std::size_t>(u)] + count, groups);
+        for (Index k = 0; k < lanes; ++k) {
+          const auto offset = plan.offset[static_cast<std::size_t>(u * lanes + k)];
+          EXPECT_LT(offset, count);
+          const Index code = u * unit + 4 * k;  // the lane's four codes share this group
+          if (code < n) {
+            EXPECT_EQ(plan.first[static_cast<std::size_t>(u)] + offset, code / group) << group << " " << u;
+          }
+        }
+      }
+    }
+}
+
+TEST(GemvInput, ScaleModeFollowsTheGroupSize) {
+  using detail::ScaleMode;
+  EXPECT_EQ(detail::scale_mode(4096, 64, 16), ScaleMode::PerGroup);
+  EXPECT_EQ(detail::scale_mode(4096, 32, 16), ScaleMode::PerLane);
+  EXPECT_EQ(detail::scale_mode(4096, 32, 8), ScaleMode::PerGroup);
+  EXPECT_EQ(detail::scale_mode(4096, 100, 16), ScaleMode::PerLane);
+  EXPECT_EQ(detail::scale_mode(4096, 7, 16), ScaleMode::Generic);
+  EXPECT_EQ(detail::scale_mode(300, 300, 16), ScaleMode::PerGroup);  // one group per row
+}
+
+}  // namespace
+}  // namespace lowbit

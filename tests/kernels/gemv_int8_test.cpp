@@ -1,0 +1,192 @@
+// lowbit::gemv_int8: the int8-activation GEMV against W_hat x, within the error of
+// quantizing x to int8 per 32 inputs, on every variant.
+#include "lowbit/kernels/gemv_int8.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "kernel_test_util.hpp"
+
+namespace lowbit {
+namespace {
+
+using test::Case;
+
+// |y - W_hat x| <= sum_j |w_hat_rj| e_j + (gamma_K + 3u) M(|x| + e), where e_j, the
+// int8 rounding error of input j, is at most half the step of its block of 32 stored
+// columns: max |x| over the block / 254 (with a few ulps for the step's own rounding).
+Vector<double> int8_bound(const QuantizedMatrix<float>& q, const Vector<float>& x) {
+  const Index n = q.cols();
+  Vector<double> step_error(n);
+  for (Index j = 0; j < n; ++j) {  // j runs over stored columns
+    const Index c = q.permutation().empty() ? j : q.permutation()[static_cast<std::size_t>(j)];
+    double max_abs = 0;
+    for (Index k = j / 32 * 32; k < std::min(n, j / 32 * 32 + 32); ++k)
+      max_abs = std::max(max_abs, std::abs(static_cast<double>(x[q.permutation().empty() ? k : q.permutation()[static_cast<std::size_t>(k)]])));
+    step_error[c] = max_abs / 254 * (1 + 1e-6);
+  }
+  const auto params = test::logical_params(q);
+  const Matrix<double> W_hat = q.dequantize().cast<double>();
+  const Vector<double> x_plus = x.cast<double>().cwiseAbs() + step_error;
+  return W_hat.cwiseAbs() * step_error + test::gemv_bound(q, params, x_plus);
+}
+
+TEST(GemvInt8, EveryVariantIsWithinTheInt8InputError) {
+  test::ThreadScope single(1);
+  for (Isa isa : test::runnable_isas()) {
+    test::IsaScope scope(isa);
+    std::uint64_t seed = 40;
+    for (const auto& [rows, cols] : test::kernel_shapes())
+      for (int bits = 1; bits <= 8; ++bits)
+        for (Index group : {32, 64, 128, 192, 0, 96, 12})
+          for (int variant = 0; variant < 3; ++variant) {
+            Case c{rows, cols, bits, group};
+            c.permuted = variant == 1 && cols > 1;
+            c.axis = variant == 2 ? GroupAxis::Output : GroupAxis::Input;  // runs gemv
+            const auto q = test::quantized_case<float>(c, ++seed);
+            const Vector<float> x = test::random_matrix<float>(cols, 1, seed + 1);
+            Vector<float> y(rows);
+            gemv_int8(q, x, y);
+            test::expect_within(y.cast<double>(), test::reference_gemv(q, x), int8_bound(q, x),
+                                std::string(isa_name(isa)) + " " + c.name());
+            if (HasFailure()) return;
+          }
+  }
+}
+
+// An input that int8 holds exactly (integers with each block's max |x| = 127) on a matrix
+// whose float arithmetic is exact (4-bit codes, at most 200 columns: every partial sum is
+// a multiple of 1/16 below 2^20): the integer path must give W_hat x bit for bit.
+TEST(GemvInt8, ExactWhenTheInputIsAlreadyInt8) {
+  test::ThreadScope single(1);
+  for (Isa isa : test::runnable_isas()) {
+    test::IsaScope scope(isa);
+    for (const Case& c : {Case{9, 200, 4, 32}, Case{5, 160, 2, 64, GroupAxis::Input, true}, Case{6, 100, 3, 0},
+                          Case{7, 64, 1, 32}}) {
+      const auto q = test::exact_case(c, 3);
+      std::mt19937_64 rng(5);
+      Vector<float> x(c.cols);
+      for (Index j = 0; j < c.cols; ++j) x[j] = static_cast<float>(static_cast<int>(rng() % 255) - 127);
+      for (Index j = 0; j < c.cols; j += 32) {  // stored block j/32 holds a 127
+        const Index stored = j;
+        x[q.permutation().empty() ? stored : q.permutation()[static_cast<std::size_t>(stored)]] = 127;
+      }
+      Vector<float> y(c.rows);
+      gemv_int8(q, x, y);
+      test::expect_within(y.cast<double>(), test::reference_gemv(q, x), Vector<double>::Zero(c.rows),
+                          std::string(isa_name(isa)) + " " + c.name());
+    }
+  }
+}
+
+TEST(GemvInt8, BitIdenticalForOneAndTwoThreads) {
+  for (Isa isa : test::runnable_isas()) {
+    test::IsaScope scope(isa);
+    for (const Case& c : {Case{301, 1000, 4, 64}, Case{130, 777, 3, 32, GroupAxis::Input, true}, Case{257, 512, 8, 0}}) {
+      const auto q = test::quantized_case<float>(c, 2);
+      const Vector<float> x = test::random_matrix<float>(c.cols, 1, 3);
+      Vector<float> one(c.rows), two(c.rows);
+      {
+        test::ThreadScope threads(1);
+        gemv_int8(q, x, one);
+      }
+      {
+        test::ThreadScope threads(2);
+        gemv_int8(q, x, two);
+      }
+      EXPECT_EQ(std::memcmp(one.data(), two.data(), sizeof(float) * static_cast<std::size_t>(c.rows)), 0)
+          << isa_name(isa) << " " << c.name();
+    }
+  }
+}
+
+// The integer kernels really run where they apply (the result carries the int8 input
+// error, so it differs from gemv), and the rest is exactly gemv.
+TEST(GemvInt8, IntegerPathRunsWhereItAppliesAndGemvElsewhere) {
+#if defined(LOWBIT_HAVE_AVX512)
+  if (isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi")) {
+    EXPECT_EQ(detail::int8_kernel(Isa::Avx512), 2);
+  }
+#endif
+  if (isa_supported(Isa::Avx2)) {
+    EXPECT_EQ(detail::int8_kernel(Isa::Avx2), 1);
+  }
+  EXPECT_EQ(detail::int8_kernel(Isa::Scalar), 0);
+  for (Isa isa : test::runnable_isas()) {
+    test::IsaScope scope(isa);
+    for (const Case& c : {Case{37, 300, 4, 64}, Case{37, 300, 8, 32}, Case{37, 300, 4, 12},
+                          Case{300, 37, 4, 64, GroupAxis::Output}}) {
+      const auto q = test::quantized_case<float>(c, 8);
+      const Vector<float> x = test::random_matrix<float>(c.cols, 1, 9);
+      Vector<float> y_int8(c.rows), y_float(c.rows);
+      gemv_int8(q, x, y_int8);
+      gemv(q, x, y_float);
+      const bool integer = detail::int8_path_applies(q, detail::int8_kernel(isa) == 1 ? Isa::Avx2 : isa);
+      EXPECT_EQ(integer, c.group_size != 12 && c.axis == GroupAxis::Input && !(c.bits == 8 && detail::int8_kernel(isa) == 1))
+          << isa_name(isa) << " " << c.name();
+      if (integer) {
+        EXPECT_NE(y_int8, y_float) << isa_name(isa) << " " << c.name();
+      } else {
+        EXPECT_EQ(y_int8, y_float) << isa_name(isa) << " " << c.name();
+      }
+    }
+  }
+}
+
+#if defined(LOWBIT_HAVE_AVX2)
+// The activation quantizer's AVX2 and scalar forms give the same scale and codes,
+// including ties (x / d exactly halfway) and all-zero blocks.
+TEST(GemvInt8, ActivationQuantizersAgree) {
+  if (!isa_supported(Isa::Avx2)) return;
+  std::mt19937_64 rng(17);
+  std::normal_distribution<float> normal;
+  for (int trial = 0; trial < 200; ++trial) {
+    std::vector<float> x(64);
+    for (auto& v : x) v = trial % 3 == 0 ? static_cast<float>(static_cast<int>(rng() % 509) - 254) / 2 : normal(rng);
+    if (trial % 3 == 0) x[5] = 127;  // d = 1: every half-integer is a tie
+    if (trial == 1) std::fill(x.begin(), x.end(), 0.0f);
+    std::vector<std::int8_t> scalar(64), simd(64);
+    const float d_scalar = detail::quantize_activation_block_scalar(x.data(), 64, scalar.data());
+    const float d_simd = detail::quantize_activation_block_avx2(x.data(), 64, simd.data());
+    ASSERT_EQ(d_scalar, d_simd) << trial;
+    ASSERT_EQ(scalar, simd) << trial;
+    if (trial % 3 == 0) {
+      EXPECT_EQ(scalar[0], static_cast<std::int8_t>(std::nearbyint(x[0])));  // ties to even
+    }
+  }
+}
+#endif
+
+TEST(GemvInt8, ShapeMismatchesAndNonFiniteInputThrow) {
+  const auto q = test::quantized_case<float>(Case{5, 64, 4, 32}, 1);
+  Vector<float> x = Vector<float>::Ones(64), y(5), short_x(63), long_y(6);
+  EXPECT_THROW(gemv_int8(q, short_x, y), Error);
+  EXPECT_THROW(gemv_int8(q, x, long_y), Error);
+  x[3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(gemv_int8(q, x, y), Error);
+}
+
+// On the fixture layer the int8 input adds little to the weights' own output error.
+TEST(GemvInt8, FixtureLayerOutputErrorStaysCloseToTheFloatPath) {
+  const auto& layer = test::fixture_layer();
+  const auto q = RTN<float>(QuantSpec{.bits = 4, .group_size = 64}).quantize(layer.W);
+  const Index tokens = 64;
+  const Matrix<double> exact = layer.Xeval.topRows(tokens).cast<double>() * layer.W.cast<double>().transpose();
+  Matrix<double> Y_float(tokens, q.rows()), Y_int8(tokens, q.rows());
+  for (Index t = 0; t < tokens; ++t) {
+    const Vector<float> x = layer.Xeval.row(t).transpose();
+    Vector<float> y(q.rows());
+    gemv(q, x, y);
+    Y_float.row(t) = y.cast<double>().transpose();
+    gemv_int8(q, x, y);
+    Y_int8.row(t) = y.cast<double>().transpose();
+  }
+  const double float_rel = (Y_float - exact).norm() / exact.norm();
+  const double int8_rel = (Y_int8 - exact).norm() / exact.norm();
+  EXPECT_LT(int8_rel, 1.02 * float_rel);
+  EXPECT_LT((Y_int8 - Y_float).norm() / exact.norm(), 0.02);
+}
+
+}  // namespace
+}  // namespace lowbit
