@@ -90,6 +90,20 @@ std::vector<Method> methods() {
                       return plain(lowbit::HQQ<float>({.spec = s, .variant = lowbit::HqqVariant::Improved}).quantize(l.W));
                     }});
   }
+  // GPTQ on 2048 calibration tokens, act-order on (groups stay contiguous: the matrix
+  // stores its input permutation), with min-max and with HQQ's improved group fit.
+  auto gptq = [](typename lowbit::GPTQ<float>::GroupFit fit) {
+    return [fit](const Layer& l, const lowbit::QuantSpec& s) {
+      lowbit::GPTQ<float> quantizer(l.W.cols(), {.spec = s, .act_order = true, .group_fit = fit});
+      quantizer.add_batch(l.X);
+      return plain(quantizer.quantize(l.W));
+    };
+  };
+  const auto hqq_fit = lowbit::GPTQ<float>::hqq_fit({.variant = lowbit::HqqVariant::Improved});
+  for (const auto& spec : specs) {
+    list.push_back({"gptq (act-order)", spec, gptq({})});
+    list.push_back({"gptq + hqq fit", spec, gptq(hqq_fit)});
+  }
   // Calibrated methods that may change the input: scored through the layer's forward().
   auto calibrated = [](auto make_quantizer) {
     return [make_quantizer](const Layer& l, const lowbit::QuantSpec& s) {

@@ -36,15 +36,9 @@
 #include "lowbit/quantizers/rtn.hpp"
 #include "lowbit/version.hpp"
 
-#if __has_include("lowbit/quantizers/hqq.hpp")
 #include "lowbit/quantizers/hqq.hpp"
-#endif
-#if __has_include("lowbit/quantizers/gptq.hpp")
 #include "lowbit/quantizers/gptq.hpp"
-#endif
-#if __has_include("lowbit/quantizers/omniquant.hpp")
 #include "lowbit/quantizers/omniquant.hpp"
-#endif
 
 namespace lowbit::tool {
 
@@ -62,21 +56,6 @@ struct Options {
   int threads = 0;                 // 0: every core
   bool dry_run = false;
 };
-
-// Names of the methods this build can run.
-[[nodiscard]] inline bool method_available(const std::string& method) {
-  if (method == "rtn") return true;
-#if __has_include("lowbit/quantizers/hqq.hpp")
-  if (method == "hqq") return true;
-#endif
-#if __has_include("lowbit/quantizers/gptq.hpp")
-  if (method == "gptq") return true;
-#endif
-#if __has_include("lowbit/quantizers/omniquant.hpp")
-  if (method == "omniquant") return true;
-#endif
-  return false;
-}
 
 [[nodiscard]] inline bool method_needs_calibration(const std::string& method) {
   return method == "gptq" || method == "omniquant" || method == "qllm";
@@ -289,9 +268,8 @@ inline int run(const Options& options, std::ostream& out, std::ostream& err, boo
     const std::string methods[] = {"rtn", "hqq", "gptq", "omniquant", "qllm"};
     lowbit::detail::require(std::find(std::begin(methods), std::end(methods), o.method) != std::end(methods), "--method ", o.method,
                             " is not one of rtn, hqq, gptq, omniquant, qllm");
-    lowbit::detail::require(o.method != "qllm", "--method qllm is not available in this build: QLLM reassembles the layer's input "
+    lowbit::detail::require(o.method != "qllm", "--method qllm is not supported by lowbit-quantize: QLLM reassembles the layer's input "
                                                 "channels, which the weight-only output formats cannot hold (use lowbit::QLLM)");
-    lowbit::detail::require(method_available(o.method), "--method ", o.method, " is not available in this build");
     lowbit::detail::require(o.bits >= 1 && o.bits <= 8, "--bits ", o.bits, " is outside 1..8");
     lowbit::detail::require(o.group_size >= 0, "--group-size ", o.group_size, " is negative (0: one group per row)");
     lowbit::detail::require(o.param_type == "f16" || o.param_type == "f32", "--param-type ", o.param_type, " is not f16 or f32");
@@ -443,14 +421,11 @@ inline int run(const Options& options, std::ostream& out, std::ostream& err, boo
       if (o.method == "rtn") {
         q = RTN<float>(spec).quantize(W);
       }
-#if __has_include("lowbit/quantizers/hqq.hpp")
       else if (o.method == "hqq") {
         typename HQQ<float>::Options hqq_options;
         hqq_options.spec = spec;
         q = HQQ<float>(hqq_options).quantize(W);
       }
-#endif
-#if __has_include("lowbit/quantizers/gptq.hpp")
       else if (o.method == "gptq") {
         typename GPTQ<float>::Options gptq_options;
         gptq_options.spec = spec;
@@ -459,8 +434,6 @@ inline int run(const Options& options, std::ostream& out, std::ostream& err, boo
         gptq.add_batch(calibration->matrix(item.name));
         q = gptq.quantize(W);
       }
-#endif
-#if __has_include("lowbit/quantizers/omniquant.hpp")
       else if (o.method == "omniquant") {
         // Weight-only OmniQuant (learnable clipping, no activation transform), which the
         // weight-only output formats can hold.
@@ -474,9 +447,8 @@ inline int run(const Options& options, std::ostream& out, std::ostream& err, boo
                                 "omniquant produced an input transform that the output formats cannot hold");
         q = std::move(layer.weights);
       }
-#endif
       else {
-        lowbit::detail::fail("--method ", o.method, " is not available in this build");
+        lowbit::detail::fail("--method ", o.method, " has no quantizer");  // unreachable: checked with the arguments
       }
       if (format == Format::Gptq) lifted_total += lift_zero_groups(q, W);
       if (permuted && q.permutation().empty()) {  // an identity order: store it explicitly, as declared

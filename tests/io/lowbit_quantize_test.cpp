@@ -295,14 +295,9 @@ TEST(LowbitQuantize, CalibratedMethodsUseTheCalibrationFile) {
     o.method = method;
     std::filesystem::remove(dir.file("o.safetensors"));
     const ToolRun run = run_tool(o);
-    if (tool::method_available(method)) {
-      ASSERT_EQ(run.code, 0) << method << ": " << run.err;
-      const auto loaded = lowbit_format::load<float>(SafeTensors::open(dir.file("o.safetensors")), "model.layers.0.self_attn.q_proj");
-      EXPECT_LT(test::rel_fro(weights.at("model.layers.0.self_attn.q_proj.weight"), loaded.dequantize()), 0.2) << method;
-    } else {
-      EXPECT_EQ(run.code, 1);
-      EXPECT_NE(run.err.find("not available in this build"), std::string::npos) << run.err;
-    }
+    ASSERT_EQ(run.code, 0) << method << ": " << run.err;
+    const auto loaded = lowbit_format::load<float>(SafeTensors::open(dir.file("o.safetensors")), "model.layers.0.self_attn.q_proj");
+    EXPECT_LT(test::rel_fro(weights.at("model.layers.0.self_attn.q_proj.weight"), loaded.dequantize()), 0.2) << method;
   }
   o.method = "omniquant";
   const ToolRun run = run_tool(o);
@@ -314,9 +309,7 @@ TEST(LowbitQuantize, CalibratedMethodsUseTheCalibrationFile) {
   std::filesystem::remove(dir.file("o.safetensors"));
   const ToolRun refused = run_tool(o);
   EXPECT_EQ(refused.code, 1);
-  if (tool::method_available("omniquant")) {
-    EXPECT_NE(refused.err.find("expected [tokens, 64]"), std::string::npos) << refused.err;
-  }
+  EXPECT_NE(refused.err.find("expected [tokens, 64]"), std::string::npos) << refused.err;
   EXPECT_FALSE(std::filesystem::exists(dir.file("o.safetensors")));
 }
 
@@ -338,11 +331,6 @@ TEST(LowbitQuantize, GptqActOrderKeepsThePermutation) {
     o.calibration = dir.file("calib.safetensors");
     o.include = {name};
     const ToolRun run = run_tool(o);
-    if (!tool::method_available("gptq")) {
-      EXPECT_EQ(run.code, 1);
-      EXPECT_NE(run.err.find("not available in this build"), std::string::npos) << run.err;
-      continue;
-    }
     ASSERT_EQ(run.code, 0) << run.err;
     const auto file = SafeTensors::open(dir.file(std::string(format) + ".safetensors"));
     const std::string module = "model.layers.0.mlp.down_proj";
@@ -365,9 +353,8 @@ TEST(LowbitQuantize, GptqActOrderKeepsThePermutation) {
     EXPECT_LT(test::rel_fro(weights.at(name), loaded.dequantize()), 0.2) << format;
     decoded.push_back(loaded.dequantize());
   }
-  if (decoded.size() == 2) {
-    EXPECT_EQ(decoded[0], decoded[1]);  // both files hold the same matrix
-  }
+  ASSERT_EQ(decoded.size(), 2u);
+  EXPECT_EQ(decoded[0], decoded[1]);  // both files hold the same matrix
 }
 
 TEST(LowbitQuantize, DefaultSelectionFollowsLayerNames) {

@@ -565,6 +565,12 @@ TEST(Gptq, SaveLoadRoundTripsExactly) {
   from_file.load(path);
   std::filesystem::remove(path);
   EXPECT_TRUE(from_file.hessian() == gptq.hessian());
+
+  // A file that cannot be written leaves nothing behind and names the directory.
+  const auto missing = std::filesystem::temp_directory_path() / "lowbit_gptq_no_such_dir";
+  std::filesystem::remove_all(missing);
+  expect_error([&] { gptq.save((missing / "h.bin").string()); }, {"lowbit_gptq_no_such_dir", "does not exist"});
+  EXPECT_FALSE(std::filesystem::exists(missing));
 }
 
 TEST(Gptq, LoadRejectsMalformedFiles) {

@@ -50,6 +50,7 @@
 #include <istream>
 #include <numeric>
 #include <ostream>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,6 +61,7 @@
 #include "lowbit/core/quantized_matrix.hpp"
 #include "lowbit/core/tensor.hpp"
 #include "lowbit/core/threading.hpp"
+#include "lowbit/io/atomic_file.hpp"
 #include "lowbit/quantizers/gptq_gemm.hpp"
 #include "lowbit/quantizers/gptq_linalg.hpp"
 #include "lowbit/quantizers/hqq.hpp"
@@ -514,11 +516,12 @@ void GPTQ<T>::save(std::ostream& out) const {
 
 template <class T>
 void GPTQ<T>::save(const std::string& path) const {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  detail::require(static_cast<bool>(out), "GPTQ.save: cannot open '", path, "' for writing");
-  save(out);
-  out.close();
-  detail::require(static_cast<bool>(out), "GPTQ.save: writing '", path, "' failed");
+  std::ostringstream buffer(std::ios::binary);
+  save(buffer);
+  const std::string bytes = std::move(buffer).str();
+  AtomicFile file(path);  // the file appears complete or not at all
+  file.write_at(0, bytes.data(), bytes.size());
+  file.commit();
 }
 
 template <class T>
