@@ -48,7 +48,7 @@ void expect_slice(const std::uint8_t* block, const std::vector<std::uint8_t>& co
 template <int Bits>
 void expect_block_decodes() {
   const auto codes = test::random_codes(256, Bits, Bits);
-  std::vector<std::uint8_t> packed(static_cast<std::size_t>(32 * Bits + detail::avx2::kOverread));
+  std::vector<std::uint8_t> packed(static_cast<std::size_t>(32 * Bits + detail::kOverread));
   detail::scalar::pack_row(codes.data(), 256, Bits, packed.data());
   expect_slice<Bits, 0, 0>(packed.data(), codes);
   expect_slice<Bits, 0, 3>(packed.data(), codes);

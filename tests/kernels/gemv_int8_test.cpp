@@ -81,24 +81,9 @@ TEST(GemvInt8, ExactWhenTheInputIsAlreadyInt8) {
 }
 
 TEST(GemvInt8, BitIdenticalForOneAndTwoThreads) {
-  for (Isa isa : test::runnable_isas()) {
-    test::IsaScope scope(isa);
-    for (const Case& c : {Case{301, 1000, 4, 64}, Case{130, 777, 3, 32, GroupAxis::Input, true}, Case{257, 512, 8, 0}}) {
-      const auto q = test::quantized_case<float>(c, 2);
-      const Vector<float> x = test::random_matrix<float>(c.cols, 1, 3);
-      Vector<float> one(c.rows), two(c.rows);
-      {
-        test::ThreadScope threads(1);
-        gemv_int8(q, x, one);
-      }
-      {
-        test::ThreadScope threads(2);
-        gemv_int8(q, x, two);
-      }
-      EXPECT_EQ(std::memcmp(one.data(), two.data(), sizeof(float) * static_cast<std::size_t>(c.rows)), 0)
-          << isa_name(isa) << " " << c.name();
-    }
-  }
+  test::expect_thread_invariant(
+      {Case{301, 1000, 4, 64}, Case{130, 777, 3, 32, GroupAxis::Input, true}, Case{257, 512, 8, 0}},
+      [](const auto& q, const auto& x, auto& y) { gemv_int8(q, x, y); });
 }
 
 // The integer kernels really run where they apply (the result carries the int8 input

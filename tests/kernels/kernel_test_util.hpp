@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -223,6 +224,30 @@ void sweep_gemv_cases(Run&& run) {
           run(exact, xi, reference_gemv(exact, xi), Vector<double>::Zero(rows), "exact " + c.name());
           if (::testing::Test::HasFailure()) return;
         }
+}
+
+// product(q, x, y) on every runnable ISA with 1 and 2 threads gives the same bits, for
+// matrices big enough to be split among threads.
+template <class Product>
+void expect_thread_invariant(const std::vector<Case>& cases, Product&& product) {
+  for (Isa isa : runnable_isas()) {
+    IsaScope scope(isa);
+    for (const Case& c : cases) {
+      const auto q = quantized_case<float>(c, 2);
+      const Vector<float> x = random_matrix<float>(c.cols, 1, 3);
+      Vector<float> one(c.rows), two(c.rows);
+      {
+        ThreadScope threads(1);
+        product(q, x, one);
+      }
+      {
+        ThreadScope threads(2);
+        product(q, x, two);
+      }
+      EXPECT_EQ(std::memcmp(one.data(), two.data(), sizeof(float) * static_cast<std::size_t>(c.rows)), 0)
+          << isa_name(isa) << " " << c.name();
+    }
+  }
 }
 
 }  // namespace lowbit::test

@@ -52,6 +52,12 @@ template <class T>
   return total;
 }
 
+// Smallest positive scale a group can store: fp16's smallest subnormal (2^-24) or
+// float's; a smaller one would round to 0 when stored.
+[[nodiscard]] inline float min_scale(const QuantSpec& spec) {
+  return spec.param_type == ParamType::Float16 ? 0x1p-24f : std::numeric_limits<float>::denorm_min();
+}
+
 // Parameters for the range [lo, hi] (lo <= 0 <= hi when the zero must be a code).
 template <class T>
 [[nodiscard]] GroupParams params_for_range(T lo, T hi, const QuantSpec& spec) {
@@ -61,13 +67,15 @@ template <class T>
     // Codes centred on 2^(bits-1): the range [-amax, amax] spans max_code steps.
     const T amax = std::max(std::abs(lo), std::abs(hi));
     p.zero = static_cast<float>(1 << (spec.bits - 1));
-    p.scale = amax > 0 ? static_cast<float>(2 * amax / max_code) : 1.0f;
-    if (spec.bits == 1) p.scale = amax > 0 ? static_cast<float>(amax) : 1.0f;
+    p.scale = amax > 0 ? std::max(static_cast<float>(2 * amax / max_code), min_scale(spec)) : 1.0f;
+    if (spec.bits == 1) p.scale = amax > 0 ? std::max(static_cast<float>(amax), min_scale(spec)) : 1.0f;
     return p;
   }
   const T range = hi - lo;
   if (!(range > 0)) return p;  // all-zero group: scale 1, zero 0 decodes it exactly
-  p.scale = static_cast<float>(range / max_code);
+  // A denormal range divided by max_code can underflow to 0 (then zero = -lo / 0 is NaN):
+  // use the smallest scale the parameter type stores instead.
+  p.scale = std::max(static_cast<float>(range / max_code), min_scale(spec));
   const T zero = -lo / static_cast<T>(p.scale);
   p.zero = static_cast<float>(spec.integral_zero ? round_half_even(zero) : zero);
   return p;

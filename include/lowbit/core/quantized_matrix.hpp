@@ -3,7 +3,9 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -44,8 +46,18 @@ class QuantizedMatrix {
     spec_.validate();
     detail::require(rows >= 0 && cols >= 0, "QuantizedMatrix shape ", rows, "x", cols, " is negative");
     const Index stored_cols = this->stored_cols();
+    // Every byte count below must fit in Index (and so in size_t): a row padded to
+    // kPadCodes codes times bits, then rows x row bytes and rows x groups x 4 bytes.
+    constexpr Index kMaxCodes = std::numeric_limits<Index>::max() / 8 - detail::kPadCodes;
+    Index code_bytes = 0, params = 0;
+    detail::require(stored_cols <= kMaxCodes &&
+                        !__builtin_mul_overflow(stored_rows(), detail::packed_row_bytes(stored_cols, spec_.bits), &code_bytes) &&
+                        !__builtin_mul_overflow(stored_rows(), stored_cols == 0 ? 0 : spec_.groups_per_row(stored_cols), &params) &&
+                        params <= std::numeric_limits<Index>::max() / 8,
+                    "QuantizedMatrix shape ", rows, "x", cols, " at ", spec_.bits, " bits overflows a 64-bit byte count");
     row_bytes_ = detail::packed_row_bytes(stored_cols, spec_.bits);
-    group_length_ = spec_.group_length(stored_cols);
+    // A group longer than the row is the whole row (buffers are sized by group_length()).
+    group_length_ = std::min(spec_.group_length(stored_cols), std::max<Index>(stored_cols, 1));
     groups_per_row_ = stored_cols == 0 ? 0 : spec_.groups_per_row(stored_cols);
     codes_.assign(static_cast<std::size_t>(stored_rows() * row_bytes_), 0);
     scales_.assign(static_cast<std::size_t>(stored_rows() * groups_per_row_), 1.0f);

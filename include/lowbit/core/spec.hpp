@@ -33,7 +33,7 @@ struct QuantSpec {
   }
   [[nodiscard]] Index groups_per_row(Index length) const {
     const Index g = group_length(length);
-    return (length + g - 1) / g;
+    return length == 0 ? 0 : (length - 1) / g + 1;  // no length + g - 1: g may be near 2^63
   }
 
   void validate() const {

@@ -7,10 +7,17 @@
 // Rows are split among threads in fixed blocks of rows, and each row's arithmetic is the
 // same whichever thread runs it, so results are bit-identical for any thread count.
 // Variants: AVX-512 and AVX2 (float, group sizes that are multiples of 4 or one group
-// per row), scalar otherwise and for double; chosen by lowbit::active_isa().
+// per row, any group size for rows shorter than one 256-code block), scalar otherwise
+// and for double; chosen by lowbit::active_isa().
+//
+// Per-call overhead matters for small matrices (a decode step of a small model is
+// dozens of 64 x 64 products): x is prepared into thread_local buffers, the scale plans
+// of a matrix shape are kept per thread for the last few shapes, and matrices below
+// kParallelWork multiply-adds never open an OpenMP region.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -24,6 +31,7 @@
 #include "lowbit/kernels/gemv_avx512.hpp"
 #include "lowbit/kernels/gemv_input.hpp"
 #include "lowbit/kernels/gemv_scalar.hpp"
+#include "lowbit/kernels/gemv_short_block.hpp"
 
 namespace lowbit {
 namespace detail {
@@ -43,8 +51,39 @@ inline constexpr Index kParallelWork = Index{1} << 16;
 #if defined(LOWBIT_HAVE_AVX2)
   if (isa == Isa::Avx2) lanes = avx2::kLanes;
 #endif
-  if (lanes != 0 && scale_mode(n, group_length, lanes) == ScaleMode::Generic) return 0;
+  // Generic group sizes only matter in full blocks: the short block takes any size.
+  if (lanes != 0 && full_block_layout_codes(n) > 0 && scale_mode(n, group_length, lanes) == ScaleMode::Generic)
+    return 0;
   return lanes;
+}
+
+// What the SIMD kernels need of a matrix shape besides its data: built once per shape
+// and thread, not per call.
+struct GemvShapePlan {
+  Index n = -1, group_length = -1;
+  int lanes = -1;
+  ScaleMode mode = ScaleMode::PerGroup;  // of the full blocks
+  LaneGroups lane_groups;                // ScaleMode::PerLane, over the full blocks' codes
+  ShortBlockPlan short_block;
+};
+
+// The plan of a shape, from a per-thread cache of the last few shapes (a model cycles
+// through a handful: rebuilding the plan per call would cost more than a small GEMV).
+[[nodiscard]] inline const GemvShapePlan& shape_plan(Index n, Index group_length, int lanes) {
+  thread_local std::array<GemvShapePlan, 8> plans;
+  thread_local std::size_t next = 0;
+  for (const GemvShapePlan& plan : plans)
+    if (plan.n == n && plan.group_length == group_length && plan.lanes == lanes) return plan;
+  GemvShapePlan& plan = plans[next];
+  next = (next + 1) % plans.size();
+  plan.n = n;
+  plan.group_length = group_length;
+  plan.lanes = lanes;
+  const Index lane_codes = std::min(n, full_block_layout_codes(n));
+  plan.mode = lane_codes == 0 ? ScaleMode::PerGroup : scale_mode(n, group_length, lanes);
+  if (plan.mode == ScaleMode::PerLane) lane_groups(lane_codes, group_length, lanes, plan.lane_groups);
+  plan_short_block(n, group_length, plan.short_block);
+  return plan;
 }
 
 // Rows per SIMD kernel call: they share the loads of x.
@@ -71,7 +110,10 @@ template <class T>
 void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) {
   const Index n = W.stored_cols(), rows = W.rows();
   const int lanes = std::is_same_v<T, float> ? gemv_lanes(isa, n, W.group_length()) : 0;
-  const GemvInput<T> input = prepare_gemv_input(W, x, lanes);
+  // A reference, so the worker threads read this thread's buffers, not their own.
+  thread_local GemvInput<T> input_buffers;
+  GemvInput<T>& input = input_buffers;
+  prepare_gemv_input(W, x, lanes, input);
   if (lanes == 0) {
     constexpr Index kRowsPerTask = 8;
     const Index tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
@@ -85,12 +127,18 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    const ScaleMode mode = scale_mode(n, W.group_length(), lanes);
-    const LaneGroups plan = mode == ScaleMode::PerLane ? lane_groups(n, W.group_length(), lanes) : LaneGroups{};
-    const Index unit = unit_codes(lanes);
+    const GemvShapePlan& plan = shape_plan(n, W.group_length(), lanes);
+    const Index unit = unit_codes(lanes), lane_codes = std::min(n, full_block_layout_codes(n));
     const Index units_per_group = W.group_length() >= n ? (n + unit - 1) / unit : W.group_length() / unit;
-    const Index groups = W.groups_per_row();
-    const std::uint8_t* storage_end = W.packed_codes().data() + W.packed_codes().size();
+    const GemvRowsArgs args{input.x.data(),
+                            input.group_sums.data(),
+                            &plan.lane_groups,
+                            &plan.short_block,
+                            full_block_layout_codes(n) / kBlockCodes,
+                            (lane_codes + unit - 1) / unit,
+                            W.groups_per_row(),
+                            units_per_group,
+                            W.packed_codes().data() + W.packed_codes().size()};
     const Index tasks = (rows + kKernelRows - 1) / kKernelRows;
     with_bits(W.spec().bits, [&](auto bits_constant) {
       constexpr int Bits = decltype(bits_constant)::value;
@@ -100,29 +148,25 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
           const Index first = task * kKernelRows, count = std::min(kKernelRows, rows - first);
 #if defined(LOWBIT_HAVE_AVX512)
           if (lanes == avx512::kLanes) {
-            const avx512::GemvRowsArgs args{input.x.data(), input.group_sums.data(), &plan, n, groups,
-                                            units_per_group, storage_end};
             return row_blocks(W, first, count, y + first,
                               [&](auto... a) { avx512::gemv_rows<Bits, kKernelRows, Mode>(args, a...); },
                               [&](auto... a) { avx512::gemv_rows<Bits, 1, Mode>(args, a...); });
           }
 #endif
 #if defined(LOWBIT_HAVE_AVX2)
-          const avx2::GemvRowsArgs args{input.x.data(), input.group_sums.data(), &plan, n, groups,
-                                        units_per_group, storage_end};
           row_blocks(W, first, count, y + first,
                      [&](auto... a) { avx2::gemv_rows<Bits, kKernelRows, Mode>(args, a...); },
                      [&](auto... a) { avx2::gemv_rows<Bits, 1, Mode>(args, a...); });
 #endif
         }, min_parallel_tasks(tasks, rows * n));
       };
-      if (mode == ScaleMode::PerLane) run(std::integral_constant<ScaleMode, ScaleMode::PerLane>{});
+      if (plan.mode == ScaleMode::PerLane) run(std::integral_constant<ScaleMode, ScaleMode::PerLane>{});
       else run(std::integral_constant<ScaleMode, ScaleMode::PerGroup>{});
     });
   }
 }
 
-// Output-axis groups: parallel over blocks of 256 outputs.
+// Output-axis groups: parallel over blocks of 256 outputs (the last one may be short).
 template <class T>
 void gemv_transposed_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) {
   const Index n = W.stored_cols();
@@ -131,22 +175,24 @@ void gemv_transposed_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa
   const int lanes = std::is_same_v<T, float> ? gemv_lanes(isa, n, W.group_length()) : 0;
   if constexpr (std::is_same_v<T, float>) {
     if (lanes != 0) {
-      const ScaleMode mode = scale_mode(n, W.group_length(), lanes);
-      const LaneGroups plan = mode == ScaleMode::PerLane ? lane_groups(n, W.group_length(), lanes) : LaneGroups{};
+      const GemvShapePlan& plan = shape_plan(n, W.group_length(), lanes);
+      const Index full_blocks = full_block_layout_codes(n) / kBlockCodes;
       with_bits(W.spec().bits, [&](auto bits_constant) {
         constexpr int Bits = decltype(bits_constant)::value;
         parallel_for(blocks, [&](Index blk) {
+          const bool per_lane = plan.mode == ScaleMode::PerLane;
 #if defined(LOWBIT_HAVE_AVX512)
-          const bool per_lane = mode == ScaleMode::PerLane;
           if (lanes == avx512::kLanes) {
-            if (per_lane) avx512::gemv_transposed_block<Bits, ScaleMode::PerLane>(W, x, &plan, blk, y);
-            else avx512::gemv_transposed_block<Bits, ScaleMode::PerGroup>(W, x, &plan, blk, y);
+            if (blk == full_blocks) avx512::gemv_transposed_short_block<Bits>(W, x, plan.short_block, y);
+            else if (per_lane) avx512::gemv_transposed_block<Bits, ScaleMode::PerLane>(W, x, &plan.lane_groups, blk, y);
+            else avx512::gemv_transposed_block<Bits, ScaleMode::PerGroup>(W, x, &plan.lane_groups, blk, y);
             return;
           }
 #endif
 #if defined(LOWBIT_HAVE_AVX2)
-          if (mode == ScaleMode::PerLane) avx2::gemv_transposed_block<Bits, ScaleMode::PerLane>(W, x, &plan, blk, y);
-          else avx2::gemv_transposed_block<Bits, ScaleMode::PerGroup>(W, x, &plan, blk, y);
+          if (blk == full_blocks) avx2::gemv_transposed_short_block<Bits>(W, x, plan.short_block, y);
+          else if (per_lane) avx2::gemv_transposed_block<Bits, ScaleMode::PerLane>(W, x, &plan.lane_groups, blk, y);
+          else avx2::gemv_transposed_block<Bits, ScaleMode::PerGroup>(W, x, &plan.lane_groups, blk, y);
 #endif
         }, min_tasks);
       });
@@ -164,7 +210,8 @@ void gemv(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) {
     return;
   }
   if (W.transposed()) {
-    const std::vector<T> x_copy(x, x + W.cols());  // y may alias x
+    thread_local std::vector<T> x_copy;  // y may alias x
+    x_copy.assign(x, x + W.cols());
     gemv_transposed_dispatch(W, x_copy.data(), y, isa);
   } else {
     gemv_rows_dispatch(W, x, y, isa);  // reads x fully before writing y

@@ -2,17 +2,18 @@
 // codes; slice (u, b) of a full block holds code 32u + 4k + b in lane k:
 //   plane width p, L = 32p bytes:  lane byte (32u) % L + 4k + b,  bit 8b + p * (32u / L).
 // vpermps reads 3 index bits, so codes of 1..3 bits decode with one permute; wider
-// codes are masked and converted.
+// codes are masked and converted. A row's short last block is read in place in
+// natural order (gemv_short_block.hpp).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "lowbit/core/isa.hpp"
 #include "lowbit/kernels/gemv_input.hpp"
-#include "lowbit/pack/avx2.hpp"
+#include "lowbit/kernels/gemv_short_block.hpp"
 #include "lowbit/pack/layout.hpp"
-#include "lowbit/pack/scalar.hpp"
 
 #if defined(LOWBIT_HAVE_AVX2)
 
@@ -20,16 +21,6 @@ namespace lowbit::detail::avx2 {
 
 inline constexpr int kLanes = 8;
 inline constexpr Index kUnit = 32;  // codes per unit: 4 slices of 8 lanes
-
-[[nodiscard]] constexpr int plane_byte_offset(const PlaneSet& set, int plane) {
-  int offset = 0;
-  for (int k = 0; k < plane; ++k) offset += 32 * set.planes[static_cast<std::size_t>(k)].width;
-  return offset;
-}
-
-// Loads for lane byte b start b bytes into a plane: a kernel may read this many bytes
-// past a block (callers copy a row's last block when that would leave the storage).
-inline constexpr Index kOverread = 3;
 
 // Plane P's bits of slice (U, B), at the code's bit position in each lane (other bits
 // garbage). Loading at byte offset B puts lane byte B at bit 0.
@@ -100,26 +91,22 @@ LOWBIT_TARGET_AVX2 inline __m256i first_lanes(Index count) {
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-struct GemvRowsArgs {
-  const float* x;             // lane order, block padded
-  const float* group_sums;    // S_g
-  const LaneGroups* lane_groups;
-  Index n;                    // stored columns
-  Index groups;               // groups per row
-  Index units_per_group;      // ScaleMode::PerGroup: units between scale applications
-  const std::uint8_t* storage_end;  // end of the packed codes (see kOverread)
-};
-
-// sum_g s_g z_g S_g, 8 groups at a time.
-LOWBIT_TARGET_AVX2 inline float zero_correction(const float* scales, const float* zeros, const float* sums,
-                                                Index groups) {
-  __m256 acc = _mm256_setzero_ps();
+// total - sum_g s_g z_g S_g, 8 groups at a time, spread over the lanes (one reduction
+// per row then gives y).
+LOWBIT_TARGET_AVX2 inline __m256 subtract_zero_correction(__m256 total, const float* scales, const float* zeros,
+                                                          const float* sums, Index groups) {
   for (Index g = 0; g < groups; g += kLanes) {
     const __m256i mask = first_lanes(groups - g);
     const __m256 sz = _mm256_mul_ps(_mm256_maskload_ps(scales + g, mask), _mm256_maskload_ps(zeros + g, mask));
-    acc = _mm256_fmadd_ps(sz, _mm256_maskload_ps(sums + g, mask), acc);
+    total = _mm256_fnmadd_ps(sz, _mm256_maskload_ps(sums + g, mask), total);
   }
-  return reduce_add(acc);
+  return total;
+}
+
+// sum_g s_g z_g S_g.
+LOWBIT_TARGET_AVX2 inline float zero_correction(const float* scales, const float* zeros, const float* sums,
+                                                Index groups) {
+  return -reduce_add(subtract_zero_correction(_mm256_setzero_ps(), scales, zeros, sums, groups));
 }
 
 template <int Bits, int Rows, ScaleMode Mode, int U>
@@ -127,7 +114,7 @@ LOWBIT_TARGET_AVX2 inline bool unit_step(const GemvRowsArgs& args, const std::ui
                                          const float* const* scales, const float* x_block, __m256 table,
                                          Index& unit, Index& group, Index& units_left, __m256* acc,
                                          __m256* total) {
-  const Index units = (args.n + kUnit - 1) / kUnit;
+  const Index units = args.full_units;
   if (unit >= units) return false;
   const float* x_unit = x_block + kUnit * U;
   slice_fma<Bits, Rows, U, 0>(blocks, x_unit, table, acc);
@@ -173,42 +160,137 @@ LOWBIT_TARGET_AVX2 inline bool block_step(const GemvRowsArgs& args, const std::u
          unit_step<Bits, Rows, Mode, 7>(args, blocks, scales, x_block, table, unit, group, units_left, acc, total);
 }
 
+// Codes of positions slot * L_min + within + k (lane k < count, count 4 or 8) of a
+// short block of m codes, as 32-bit integers; lanes past count hold 0.
+template <int Bits>
+LOWBIT_TARGET_AVX2 inline __m256i short_codes(const std::uint8_t* block, Index m, int slot, Index within,
+                                              Index count) {
+  constexpr PlaneSet set = planes_for_bits(Bits);
+  __m256i codes = _mm256_setzero_si256();
+  for (int plane = 0; plane < set.count; ++plane) {
+    const PlaneSlot where = plane_slot(set, plane, m, slot);
+    const int width = set.planes[static_cast<std::size_t>(plane)].width;
+    const std::uint8_t* source = block + where.byte + within;
+    std::int32_t word;  // L_min is a multiple of 4 bytes: a slot ends on 4 or 8 bytes
+    std::memcpy(&word, source, sizeof word);
+    const __m128i loaded = count >= kLanes ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(source))
+                                           : _mm_cvtsi32_si128(word);
+    const __m256i bytes = _mm256_cvtepu8_epi32(loaded);
+    if (width == 8) return bytes;  // one plane, one slot
+    const __m256i bits = _mm256_and_si256(_mm256_srl_epi32(bytes, _mm_cvtsi32_si128(where.shift)),
+                                          _mm256_set1_epi32((1 << width) - 1));
+    if (set.count == 1) return bits;
+    const int shift = set.planes[static_cast<std::size_t>(plane)].shift;
+    codes = _mm256_or_si256(codes, shift == 0 ? bits : _mm256_sll_epi32(bits, _mm_cvtsi32_si128(shift)));
+  }
+  return codes;
+}
+
+// The scales of a short block's positions for one row: a permute of the block's scales
+// when they fit one vector, else a gather.
+struct ShortScales {
+  const float* scales;  // the row's scale of the block's first group
+  __m256 table;         // its group_count scales, when permuting
+};
+
+LOWBIT_TARGET_AVX2 inline ShortScales short_scales(const ShortBlockPlan& plan, const float* row_scales) {
+  const float* scales = row_scales + plan.first_group;
+  if (plan.group_count > kLanes) return {scales, _mm256_setzero_ps()};
+  return {scales, _mm256_maskload_ps(scales, first_lanes(plan.group_count))};
+}
+
+LOWBIT_TARGET_AVX2 inline __m256 position_scales(const ShortBlockPlan& plan, const ShortScales& row, __m256i group) {
+  if (plan.group_count > kLanes) return _mm256_i32gather_ps(row.scales, group, 4);
+  return _mm256_permutevar8x32_ps(row.table, group);
+}
+
+// total[r] += s_g(j) q_rj x_j over the short block of Rows rows (see gemv_avx512.hpp:
+// vectors inside one group accumulate q x and are scaled when the group ends).
+template <int Bits, int Rows, bool Gather>
+LOWBIT_TARGET_AVX2 inline void short_block_rows(const GemvRowsArgs& args, const std::uint8_t* const* rows,
+                                                const float* const* scales, __m256* total_out) {
+  const ShortBlockPlan& plan = *args.short_block;
+  constexpr int slots = short_slots(Bits), narrowest = narrowest_plane(Bits);
+  const Index m = plan.codes, slot_codes = m * narrowest / 8;
+  const std::uint8_t* blocks[Rows];
+  const float* block_scales[Rows];
+  __m256 table[Rows], total[Rows], acc[Rows];
+  const __m256i group_mask = first_lanes(plan.group_count);
+  for (int r = 0; r < Rows; ++r) {
+    blocks[r] = rows[r] + plan.begin * Bits / 8;
+    block_scales[r] = scales[r] + plan.first_group;
+    table[r] = Gather ? _mm256_setzero_ps() : _mm256_maskload_ps(block_scales[r], group_mask);
+    total[r] = total_out[r];
+    acc[r] = _mm256_setzero_ps();
+  }
+  std::int32_t current = 0;  // the group acc belongs to
+  const float* x = args.x + plan.begin;
+  for (int slot = 0; slot < slots; ++slot) {
+    for (Index within = 0; within < slot_codes; within += kLanes) {
+      const Index j = slot * slot_codes + within, count = std::min<Index>(kLanes, slot_codes - within);
+      const __m256 xj = _mm256_maskload_ps(x + j, first_lanes(count));
+      __m256 q[Rows];
+      for (int r = 0; r < Rows; ++r) q[r] = _mm256_cvtepi32_ps(short_codes<Bits>(blocks[r], m, slot, within, count));
+      const std::int32_t first = plan.group[static_cast<std::size_t>(j)];
+      if (first == plan.group[static_cast<std::size_t>(j + count - 1)]) {
+        if (first != current) {
+          for (int r = 0; r < Rows; ++r) {
+            total[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(block_scales[r][current]), total[r]);
+            acc[r] = _mm256_setzero_ps();
+          }
+          current = first;
+        }
+        for (int r = 0; r < Rows; ++r) acc[r] = _mm256_fmadd_ps(q[r], xj, acc[r]);
+      } else {
+        const __m256i group = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plan.group.data() + j));
+        for (int r = 0; r < Rows; ++r) {
+          const __m256 s = Gather ? _mm256_i32gather_ps(block_scales[r], group, 4) : _mm256_permutevar8x32_ps(table[r], group);
+          total[r] = _mm256_fmadd_ps(_mm256_mul_ps(q[r], xj), s, total[r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    total_out[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(block_scales[r][current]), total[r]);
+}
+
+template <int Bits, int Rows>
+LOWBIT_TARGET_AVX2 inline void short_block_fma(const GemvRowsArgs& args, const std::uint8_t* const* rows,
+                                               const float* const* scales, __m256* total) {
+  if (args.short_block->group_count > kLanes) short_block_rows<Bits, Rows, true>(args, rows, scales, total);
+  else short_block_rows<Bits, Rows, false>(args, rows, scales, total);
+}
+
 template <int Bits, int Rows, ScaleMode Mode>
 LOWBIT_TARGET_AVX2 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t* const* rows,
                                   const float* const* scales, const float* const* zeros, float* y) {
   constexpr Index block_bytes = kBlockCodes * Bits / 8;
-  const Index blocks = (args.n + kBlockCodes - 1) / kBlockCodes, full_blocks = args.n / kBlockCodes;
-  // The last block is read from a copy when it is short (repacked as a zero-padded full
-  // block) or when reading it would leave the storage.
-  alignas(32) std::uint8_t tail[Rows][block_bytes + kOverread];
-  Index direct_blocks[Rows];
-  for (int r = 0; r < Rows; ++r) {
-    const std::uint8_t* last = rows[r] + (blocks - 1) * block_bytes;
-    direct_blocks[r] = blocks;
-    if (full_blocks < blocks) {
-      std::uint8_t codes[kBlockCodes] = {};
-      scalar::unpack_block(last, padded_codes(args.n) - full_blocks * kBlockCodes, Bits, codes);
-      pack_full_block<Bits>(codes, tail[r]);
-      direct_blocks[r] = blocks - 1;
-    } else if (args.storage_end - last < block_bytes + kOverread) {
-      std::copy(last, last + block_bytes, tail[r]);
-      direct_blocks[r] = blocks - 1;
-    }
-    std::fill(tail[r] + block_bytes, tail[r] + block_bytes + kOverread, std::uint8_t{0});
-  }
-  const __m256 table = decode_table<Bits>();
   __m256 acc[Rows], total[Rows];
   for (int r = 0; r < Rows; ++r) acc[r] = total[r] = _mm256_setzero_ps();
-  Index unit = 0, group = 0, units_left = args.units_per_group;
-  for (Index blk = 0; blk < blocks; ++blk) {
-    const std::uint8_t* block[Rows];
-    for (int r = 0; r < Rows; ++r) block[r] = blk < direct_blocks[r] ? rows[r] + blk * block_bytes : tail[r];
-    if (!block_step<Bits, Rows, Mode>(args, block, scales, args.x + blk * kBlockCodes, table, unit, group,
-                                      units_left, acc, total))
-      break;
+  if (args.full_blocks > 0) {
+    // A last full block whose overread would leave the storage is read from a copy.
+    alignas(32) std::uint8_t tail[Rows][block_bytes + kOverread];
+    Index direct_blocks[Rows];
+    for (int r = 0; r < Rows; ++r) {
+      direct_blocks[r] = direct_full_blocks(rows[r], args.full_blocks, block_bytes, args.storage_end);
+      if (direct_blocks[r] == args.full_blocks) continue;
+      const std::uint8_t* last = rows[r] + direct_blocks[r] * block_bytes;
+      std::copy(last, last + block_bytes, tail[r]);
+      std::fill(tail[r] + block_bytes, tail[r] + block_bytes + kOverread, std::uint8_t{0});
+    }
+    const __m256 table = decode_table<Bits>();
+    Index unit = 0, group = 0, units_left = args.units_per_group;
+    for (Index blk = 0; blk < args.full_blocks; ++blk) {
+      const std::uint8_t* block[Rows];
+      for (int r = 0; r < Rows; ++r) block[r] = blk < direct_blocks[r] ? rows[r] + blk * block_bytes : tail[r];
+      if (!block_step<Bits, Rows, Mode>(args, block, scales, args.x + blk * kBlockCodes, table, unit, group,
+                                        units_left, acc, total))
+        break;
+    }
   }
+  if (args.short_block->codes > 0) short_block_fma<Bits, Rows>(args, rows, scales, total);
   for (int r = 0; r < Rows; ++r)
-    y[r] = reduce_add(total[r]) - zero_correction(scales[r], zeros[r], args.group_sums, args.groups);
+    y[r] = reduce_add(subtract_zero_correction(total[r], scales[r], zeros[r], args.group_sums, args.groups));
 }
 
 // acc[4U + b] += codes of slice (U, b) * a.
@@ -220,7 +302,7 @@ LOWBIT_TARGET_AVX2 inline void transposed_unit(const std::uint8_t* block, __m256
   acc[4 * U + 3] = _mm256_fmadd_ps(decode_slice<Bits, U, 3>(block, table), a, acc[4 * U + 3]);
 }
 
-// Output-axis groups: the 256 outputs of block column `blk` (see gemv_avx512.hpp).
+// Output-axis groups: the 256 outputs of full block column `blk` (see gemv_avx512.hpp).
 template <int Bits, ScaleMode Mode>
 LOWBIT_TARGET_AVX2 void gemv_transposed_block(const QuantizedMatrix<float>& W, const float* x,
                                               const LaneGroups* lane_groups, Index blk, float* y) {
@@ -229,7 +311,6 @@ LOWBIT_TARGET_AVX2 void gemv_transposed_block(const QuantizedMatrix<float>& W, c
   const Index begin = blk * kBlockCodes, length = std::min(kBlockCodes, n - begin);
   const Index units = (length + kUnit - 1) / kUnit, first_unit = begin / kUnit;
   const Index first_group = begin / group, last_group = (begin + length - 1) / group;
-  const bool full = length == kBlockCodes;
   const __m256 table = decode_table<Bits>();
   __m256 acc[32];
   for (auto& a : acc) a = _mm256_setzero_ps();
@@ -238,12 +319,7 @@ LOWBIT_TARGET_AVX2 void gemv_transposed_block(const QuantizedMatrix<float>& W, c
   const std::uint8_t* storage_end = W.packed_codes().data() + W.packed_codes().size();
   for (Index i = 0; i < W.stored_rows(); ++i) {
     const std::uint8_t* block = W.packed_row(i) + blk * block_bytes;
-    if (!full) {  // a short last block, repacked as a full one
-      std::uint8_t codes[kBlockCodes] = {};
-      scalar::unpack_block(block, padded_codes(length), Bits, codes);
-      pack_full_block<Bits>(codes, tail);
-      block = tail;
-    } else if (storage_end - block < block_bytes + kOverread) {
+    if (direct_full_blocks(block, 1, block_bytes, storage_end) == 0) {
       std::copy(block, block + block_bytes, tail);
       block = tail;
     }
@@ -277,6 +353,43 @@ LOWBIT_TARGET_AVX2 void gemv_transposed_block(const QuantizedMatrix<float>& W, c
   for (int s = 0; s < 32; ++s) _mm256_store_ps(lanes + kLanes * s, acc[s]);
   for (Index o = 0; o < length; ++o)
     y[begin + o] = lanes[lane_position(o, kLanes)] - offsets[(begin + o) / group - first_group];
+}
+
+// Output-axis groups, the short last block column (see gemv_avx512.hpp).
+template <int Bits>
+LOWBIT_TARGET_AVX2 void gemv_transposed_short_block(const QuantizedMatrix<float>& W, const float* x,
+                                                    const ShortBlockPlan& plan, float* y) {
+  const Index n = W.stored_cols(), groups = W.groups_per_row();
+  constexpr int slots = short_slots(Bits), narrowest = narrowest_plane(Bits);
+  const Index m = plan.codes, slot_codes = m * narrowest / 8, length = n - plan.begin;
+  __m256 acc[kBlockCodes / kLanes + slots];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  float offsets[kBlockCodes] = {};  // sum_i a_ig z_ig per group of the block
+  for (Index i = 0; i < W.stored_rows(); ++i) {
+    const std::uint8_t* block = W.packed_row(i) + plan.begin * Bits / 8;
+    const float* scales = W.scales().data() + i * groups;
+    const float* zeros = W.zeros().data() + i * groups;
+    for (std::int32_t g = 0; g < plan.group_count; ++g)
+      offsets[g] += scales[plan.first_group + g] * x[i] * zeros[plan.first_group + g];
+    const ShortScales row_scales = short_scales(plan, scales);
+    const __m256 xi = _mm256_set1_ps(x[i]);
+    int vector = 0;
+    for (int slot = 0; slot < slots; ++slot) {
+      for (Index within = 0; within < slot_codes; within += kLanes, ++vector) {
+        const Index j = slot * slot_codes + within, count = std::min<Index>(kLanes, slot_codes - within);
+        const __m256i group = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plan.group.data() + j));
+        const __m256 a = _mm256_mul_ps(position_scales(plan, row_scales, group), xi);
+        const __m256 q = _mm256_cvtepi32_ps(short_codes<Bits>(block, m, slot, within, count));
+        acc[vector] = _mm256_fmadd_ps(q, a, acc[vector]);
+      }
+    }
+  }
+  alignas(32) float out[kBlockCodes + kLanes];
+  int vector = 0;
+  for (int slot = 0; slot < slots; ++slot)
+    for (Index within = 0; within < slot_codes; within += kLanes, ++vector)
+      _mm256_storeu_ps(out + slot * slot_codes + within, acc[vector]);  // ascending: overhang is overwritten
+  for (Index o = 0; o < length; ++o) y[plan.begin + o] = out[o] - offsets[plan.group[static_cast<std::size_t>(o)]];
 }
 
 }  // namespace lowbit::detail::avx2

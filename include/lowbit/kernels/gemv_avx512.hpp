@@ -9,6 +9,7 @@
 // the low 4 bits of each lane, so no mask is needed); wider codes are masked and
 // converted. x was shuffled into this lane order once per call (gemv_input.hpp).
 // Per row: y_r = sum_g s_g * (sum_{j in g} q_j x_j) - sum_g s_g z_g S_g.
+// A row's short last block is read in place in natural order (gemv_short_block.hpp).
 #pragma once
 
 #include <algorithm>
@@ -16,9 +17,8 @@
 
 #include "lowbit/core/isa.hpp"
 #include "lowbit/kernels/gemv_input.hpp"
-#include "lowbit/pack/avx2.hpp"
+#include "lowbit/kernels/gemv_short_block.hpp"
 #include "lowbit/pack/layout.hpp"
-#include "lowbit/pack/scalar.hpp"
 
 #if defined(LOWBIT_HAVE_AVX512)
 
@@ -33,16 +33,10 @@ namespace lowbit::detail::avx512 {
 inline constexpr int kLanes = 16;
 inline constexpr Index kUnit = 64;  // codes per unit: 4 slices of 16 lanes
 
-[[nodiscard]] constexpr int plane_byte_offset(const PlaneSet& set, int plane) {
-  int offset = 0;
-  for (int k = 0; k < plane; ++k) offset += 32 * set.planes[static_cast<std::size_t>(k)].width;
-  return offset;
+// Lanes [0, count) set.
+[[nodiscard]] inline __mmask16 first_lanes(Index count) {
+  return static_cast<__mmask16>(count >= kLanes ? 0xFFFF : (1u << count) - 1u);
 }
-
-// Loads for lane byte b start b bytes into a plane, so a kernel may read this many
-// bytes past the end of a block (callers copy a row's last block when that would leave
-// the matrix's storage).
-inline constexpr Index kOverread = 3;
 
 // Plane P's bits of slice (U, B) of a full block, at the code's bit position
 // (plane.shift) in each lane; the lane's other bits are garbage. Loading at byte offset
@@ -133,27 +127,37 @@ LOWBIT_TARGET_AVX512 inline void slice_fma(const std::uint8_t* const* blocks, co
   for (int r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(decode_slice<Bits, U, B>(blocks[r], tables), x, acc[r]);
 }
 
-// Everything a row kernel reads besides the packed rows.
-struct GemvRowsArgs {
-  const float* x;             // lane order, block padded
-  const float* group_sums;    // S_g
-  const LaneGroups* lane_groups;
-  Index n;                    // stored columns
-  Index groups;               // groups per row
-  Index units_per_group;      // ScaleMode::PerGroup: units between scale applications
-  const std::uint8_t* storage_end;  // end of the packed codes (see kOverread)
-};
+// total - sum_g s_g z_g S_g, 16 groups at a time, spread over the lanes (one reduction
+// per row then gives y).
+LOWBIT_TARGET_AVX512 inline __m512 subtract_zero_correction(__m512 total, const float* scales, const float* zeros,
+                                                            const float* sums, Index groups) {
+  for (Index g = 0; g < groups; g += kLanes) {
+    const __mmask16 mask = first_lanes(groups - g);
+    const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scales + g), _mm512_maskz_loadu_ps(mask, zeros + g));
+    total = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(mask, sums + g), total);
+  }
+  return total;
+}
 
-// sum_g s_g z_g S_g, 16 groups at a time.
+// y[r] = the sum of the lanes of v[r], r = 0..3: the four reductions share their
+// shuffles (128-bit chunks first, then within each chunk).
+LOWBIT_TARGET_AVX512 inline void reduce_add_4(const __m512* v, float* y) {
+  // [a0 + a2, a1 + a3, b0 + b2, b1 + b3] in 128-bit chunks, and the same for c, d.
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
+  // Chunk k: four partial sums of row k.
+  __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  w = _mm512_add_ps(w, _mm512_permute_ps(w, 0x4E));
+  w = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
+  alignas(64) float lanes[kLanes];
+  _mm512_store_ps(lanes, w);
+  for (int r = 0; r < 4; ++r) y[r] = lanes[4 * r];
+}
+
+// sum_g s_g z_g S_g.
 LOWBIT_TARGET_AVX512 inline float zero_correction(const float* scales, const float* zeros, const float* sums,
                                                   Index groups) {
-  __m512 acc = _mm512_setzero_ps();
-  for (Index g = 0; g < groups; g += kLanes) {
-    const __mmask16 mask = static_cast<__mmask16>(groups - g >= kLanes ? 0xFFFF : (1u << (groups - g)) - 1u);
-    const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scales + g), _mm512_maskz_loadu_ps(mask, zeros + g));
-    acc = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, sums + g), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+  return -_mm512_reduce_add_ps(subtract_zero_correction(_mm512_setzero_ps(), scales, zeros, sums, groups));
 }
 
 // One unit (4 slices) of Rows rows, then the scales: per group when this unit ends
@@ -163,7 +167,7 @@ LOWBIT_TARGET_AVX512 inline bool unit_step(const GemvRowsArgs& args, const std::
                                            const float* const* scales, const float* x_block,
                                            const DecodeTables& tables, Index& unit, Index& group, Index& units_left, __m512* acc,
                                            __m512* total) {
-  const Index units = (args.n + kUnit - 1) / kUnit;
+  const Index units = args.full_units;
   if (unit >= units) return false;
   const float* x_unit = x_block + kUnit * U;
   slice_fma<Bits, Rows, U, 0>(blocks, x_unit, tables, acc);
@@ -174,7 +178,7 @@ LOWBIT_TARGET_AVX512 inline bool unit_step(const GemvRowsArgs& args, const std::
     const LaneGroups& plan = *args.lane_groups;
     const auto u = static_cast<std::size_t>(unit);
     const __m512i index = _mm512_loadu_si512(plan.offset.data() + u * kLanes);
-    const __mmask16 mask = static_cast<__mmask16>(plan.count[u] >= kLanes ? 0xFFFF : (1u << plan.count[u]) - 1u);
+    const __mmask16 mask = first_lanes(plan.count[u]);
     for (int r = 0; r < Rows; ++r) {
       const __m512 s = _mm512_permutexvar_ps(index, _mm512_maskz_loadu_ps(mask, scales[r] + plan.first[u]));
       total[r] = _mm512_fmadd_ps(s, acc[r], total[r]);
@@ -194,45 +198,145 @@ LOWBIT_TARGET_AVX512 inline bool unit_step(const GemvRowsArgs& args, const std::
   return true;
 }
 
+// Codes of positions slot * L_min + within + k (lane k, lanes of `mask`) of a short block
+// of m codes, as 32-bit integers; masked lanes read nothing and hold 0.
+template <int Bits>
+LOWBIT_TARGET_AVX512 inline __m512i short_codes(const std::uint8_t* block, Index m, int slot, Index within,
+                                                __mmask16 mask) {
+  constexpr PlaneSet set = planes_for_bits(Bits);
+  __m512i codes = _mm512_setzero_si512();
+  for (int plane = 0; plane < set.count; ++plane) {
+    const PlaneSlot where = plane_slot(set, plane, m, slot);
+    const int width = set.planes[static_cast<std::size_t>(plane)].width;
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, block + where.byte + within));
+    if (width == 8) return bytes;  // one plane, one slot
+    const __m512i bits = _mm512_and_si512(_mm512_srl_epi32(bytes, _mm_cvtsi32_si128(where.shift)),
+                                          _mm512_set1_epi32((1 << width) - 1));
+    if (set.count == 1) return bits;
+    const int shift = set.planes[static_cast<std::size_t>(plane)].shift;
+    codes = _mm512_or_si512(codes, shift == 0 ? bits : _mm512_sll_epi32(bits, _mm_cvtsi32_si128(shift)));
+  }
+  return codes;
+}
+
+// The scales of a short block's positions for one row: a permute of the block's scales
+// when they fit one vector, else a gather.
+struct ShortScales {
+  const float* scales;  // the row's scale of the block's first group
+  __m512 table;         // its group_count scales, when permuting
+};
+
+LOWBIT_TARGET_AVX512 inline ShortScales short_scales(const ShortBlockPlan& plan, const float* row_scales) {
+  const float* scales = row_scales + plan.first_group;
+  if (plan.group_count > kLanes) return {scales, _mm512_setzero_ps()};
+  return {scales, _mm512_maskz_loadu_ps(first_lanes(plan.group_count), scales)};
+}
+
+LOWBIT_TARGET_AVX512 inline __m512 position_scales(const ShortBlockPlan& plan, const ShortScales& row, __m512i group) {
+  if (plan.group_count > kLanes) return _mm512_i32gather_ps(group, row.scales, 4);
+  return _mm512_permutexvar_ps(group, row.table);
+}
+
+// total[r] += s_g(j) q_rj x_j over the short block of Rows rows. A vector of positions
+// inside one group (the usual case: group sizes that are multiples of 16) accumulates
+// q x, scaled once when the group ends; a vector that straddles groups takes its scales
+// per lane. Groups only grow along the visit order (slots are consecutive runs).
+template <int Bits, int Rows, bool Gather>
+LOWBIT_TARGET_AVX512 inline void short_block_rows(const GemvRowsArgs& args, const std::uint8_t* const* rows,
+                                                  const float* const* scales, __m512* total_out) {
+  const ShortBlockPlan& plan = *args.short_block;
+  constexpr int slots = short_slots(Bits), narrowest = narrowest_plane(Bits);
+  const Index m = plan.codes, slot_codes = m * narrowest / 8;
+  const std::uint8_t* blocks[Rows];
+  const float* block_scales[Rows];
+  __m512 table[Rows], total[Rows], acc[Rows];
+  const __mmask16 group_mask = first_lanes(plan.group_count);
+  for (int r = 0; r < Rows; ++r) {
+    blocks[r] = rows[r] + plan.begin * Bits / 8;
+    block_scales[r] = scales[r] + plan.first_group;
+    table[r] = Gather ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(group_mask, block_scales[r]);
+    total[r] = total_out[r];
+    acc[r] = _mm512_setzero_ps();
+  }
+  std::int32_t current = 0;  // the group acc belongs to
+  const float* x = args.x + plan.begin;
+  for (int slot = 0; slot < slots; ++slot) {
+    for (Index within = 0; within < slot_codes; within += kLanes) {
+      const Index j = slot * slot_codes + within, count = std::min<Index>(kLanes, slot_codes - within);
+      const __mmask16 mask = first_lanes(count);
+      const __m512 xj = _mm512_maskz_loadu_ps(mask, x + j);
+      __m512 q[Rows];
+      for (int r = 0; r < Rows; ++r) q[r] = _mm512_cvtepi32_ps(short_codes<Bits>(blocks[r], m, slot, within, mask));
+      const std::int32_t first = plan.group[static_cast<std::size_t>(j)];
+      if (first == plan.group[static_cast<std::size_t>(j + count - 1)]) {
+        if (first != current) {
+          for (int r = 0; r < Rows; ++r) {
+            total[r] = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(block_scales[r][current]), total[r]);
+            acc[r] = _mm512_setzero_ps();
+          }
+          current = first;
+        }
+        for (int r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(q[r], xj, acc[r]);
+      } else {
+        const __m512i group = _mm512_loadu_si512(plan.group.data() + j);
+        for (int r = 0; r < Rows; ++r) {
+          const __m512 s = Gather ? _mm512_i32gather_ps(group, block_scales[r], 4) : _mm512_permutexvar_ps(group, table[r]);
+          total[r] = _mm512_fmadd_ps(_mm512_mul_ps(q[r], xj), s, total[r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    total_out[r] = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(block_scales[r][current]), total[r]);
+}
+
+// Scales of a straddling vector: permuted from one vector of the block's scales when
+// they fit, else gathered.
+template <int Bits, int Rows>
+LOWBIT_TARGET_AVX512 inline void short_block_fma(const GemvRowsArgs& args, const std::uint8_t* const* rows,
+                                                 const float* const* scales, __m512* total) {
+  if (args.short_block->group_count > kLanes) short_block_rows<Bits, Rows, true>(args, rows, scales, total);
+  else short_block_rows<Bits, Rows, false>(args, rows, scales, total);
+}
+
 // y[r] for Rows consecutive stored rows.
 template <int Bits, int Rows, ScaleMode Mode>
 LOWBIT_TARGET_AVX512 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t* const* rows,
                                     const float* const* scales, const float* const* zeros, float* y) {
   constexpr Index block_bytes = kBlockCodes * Bits / 8;
-  const Index blocks = (args.n + kBlockCodes - 1) / kBlockCodes, full_blocks = args.n / kBlockCodes;
-  // The last block is read from a copy when it is short (it has its own plane lengths:
-  // repacked as a zero-padded full block) or when reading it would leave the storage.
-  alignas(64) std::uint8_t tail[Rows][block_bytes + kOverread];
-  Index direct_blocks[Rows];
-  for (int r = 0; r < Rows; ++r) {
-    const std::uint8_t* last = rows[r] + (blocks - 1) * block_bytes;
-    direct_blocks[r] = blocks;
-    if (full_blocks < blocks) {
-      std::uint8_t codes[kBlockCodes] = {};
-      scalar::unpack_block(last, padded_codes(args.n) - full_blocks * kBlockCodes, Bits, codes);
-      avx2::pack_full_block<Bits>(codes, tail[r]);
-      direct_blocks[r] = blocks - 1;
-    } else if (args.storage_end - last < block_bytes + kOverread) {
-      std::copy(last, last + block_bytes, tail[r]);
-      direct_blocks[r] = blocks - 1;
-    }
-    std::fill(tail[r] + block_bytes, tail[r] + block_bytes + kOverread, std::uint8_t{0});
-  }
-  const DecodeTables tables = decode_tables<Bits>();
   __m512 acc[Rows], total[Rows];
   for (int r = 0; r < Rows; ++r) acc[r] = total[r] = _mm512_setzero_ps();
-  Index unit = 0, group = 0, units_left = args.units_per_group;
-  for (Index blk = 0; blk < blocks; ++blk) {
-    const std::uint8_t* block[Rows];
-    for (int r = 0; r < Rows; ++r) block[r] = blk < direct_blocks[r] ? rows[r] + blk * block_bytes : tail[r];
-    const float* x_block = args.x + blk * kBlockCodes;
-    if (!unit_step<Bits, Rows, Mode, 0>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
-    if (!unit_step<Bits, Rows, Mode, 1>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
-    if (!unit_step<Bits, Rows, Mode, 2>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
-    if (!unit_step<Bits, Rows, Mode, 3>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
+  if (args.full_blocks > 0) {
+    // A last full block whose overread would leave the storage is read from a copy.
+    alignas(64) std::uint8_t tail[Rows][block_bytes + kOverread];
+    Index direct_blocks[Rows];
+    for (int r = 0; r < Rows; ++r) {
+      direct_blocks[r] = direct_full_blocks(rows[r], args.full_blocks, block_bytes, args.storage_end);
+      if (direct_blocks[r] == args.full_blocks) continue;
+      const std::uint8_t* last = rows[r] + direct_blocks[r] * block_bytes;
+      std::copy(last, last + block_bytes, tail[r]);
+      std::fill(tail[r] + block_bytes, tail[r] + block_bytes + kOverread, std::uint8_t{0});
+    }
+    const DecodeTables tables = decode_tables<Bits>();
+    Index unit = 0, group = 0, units_left = args.units_per_group;
+    for (Index blk = 0; blk < args.full_blocks; ++blk) {
+      const std::uint8_t* block[Rows];
+      for (int r = 0; r < Rows; ++r) block[r] = blk < direct_blocks[r] ? rows[r] + blk * block_bytes : tail[r];
+      const float* x_block = args.x + blk * kBlockCodes;
+      if (!unit_step<Bits, Rows, Mode, 0>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
+      if (!unit_step<Bits, Rows, Mode, 1>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
+      if (!unit_step<Bits, Rows, Mode, 2>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
+      if (!unit_step<Bits, Rows, Mode, 3>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
+    }
   }
+  if (args.short_block->codes > 0) short_block_fma<Bits, Rows>(args, rows, scales, total);
   for (int r = 0; r < Rows; ++r)
-    y[r] = _mm512_reduce_add_ps(total[r]) - zero_correction(scales[r], zeros[r], args.group_sums, args.groups);
+    total[r] = subtract_zero_correction(total[r], scales[r], zeros[r], args.group_sums, args.groups);
+  if constexpr (Rows == 4) {
+    reduce_add_4(total, y);
+  } else {
+    for (int r = 0; r < Rows; ++r) y[r] = _mm512_reduce_add_ps(total[r]);
+  }
 }
 
 // acc[4U + b] += codes of slice (U, b) * a, b = 0..3.
@@ -246,7 +350,7 @@ LOWBIT_TARGET_AVX512 inline void transposed_unit(const std::uint8_t* block, cons
 }
 
 // Output-axis groups (W^T stored, stored row i = input column i): the 256 outputs of
-// block column `blk`, y_o = sum_i a_{i,g(o)} q_io - sum_i a_{i,g(o)} z_{i,g(o)} with
+// full block column `blk`, y_o = sum_i a_{i,g(o)} q_io - sum_i a_{i,g(o)} z_{i,g(o)} with
 // a_ig = s_ig x_i. The accumulators hold the block in lane order; every output sums
 // over the stored rows in order, whatever thread runs the block.
 template <int Bits, ScaleMode Mode>
@@ -257,7 +361,6 @@ LOWBIT_TARGET_AVX512 void gemv_transposed_block(const QuantizedMatrix<float>& W,
   const Index begin = blk * kBlockCodes, length = std::min(kBlockCodes, n - begin);
   const Index units = (length + kUnit - 1) / kUnit, first_unit = begin / kUnit;
   const Index first_group = begin / group, last_group = (begin + length - 1) / group;
-  const bool full = length == kBlockCodes;
   const DecodeTables tables = decode_tables<Bits>();
   __m512 acc[16];
   for (auto& a : acc) a = _mm512_setzero_ps();
@@ -266,12 +369,7 @@ LOWBIT_TARGET_AVX512 void gemv_transposed_block(const QuantizedMatrix<float>& W,
   const std::uint8_t* storage_end = W.packed_codes().data() + W.packed_codes().size();
   for (Index i = 0; i < W.stored_rows(); ++i) {
     const std::uint8_t* block = W.packed_row(i) + blk * block_bytes;
-    if (!full) {  // a short last block, repacked as a full one
-      std::uint8_t codes[kBlockCodes] = {};
-      scalar::unpack_block(block, padded_codes(length), Bits, codes);
-      avx2::pack_full_block<Bits>(codes, tail);
-      block = tail;
-    } else if (storage_end - block < block_bytes + kOverread) {
+    if (direct_full_blocks(block, 1, block_bytes, storage_end) == 0) {
       std::copy(block, block + block_bytes, tail);
       block = tail;
     }
@@ -283,9 +381,8 @@ LOWBIT_TARGET_AVX512 void gemv_transposed_block(const QuantizedMatrix<float>& W,
       if constexpr (Mode == ScaleMode::PerLane) {
         const auto plan_unit = static_cast<std::size_t>(first_unit + u);
         const __m512i index = _mm512_loadu_si512(lane_groups->offset.data() + plan_unit * kLanes);
-        const int count = lane_groups->count[plan_unit];
-        const __mmask16 mask = static_cast<__mmask16>(count >= kLanes ? 0xFFFF : (1u << count) - 1u);
-        const __m512 s = _mm512_maskz_loadu_ps(mask, scales + lane_groups->first[plan_unit]);
+        const __m512 s = _mm512_maskz_loadu_ps(first_lanes(lane_groups->count[plan_unit]),
+                                               scales + lane_groups->first[plan_unit]);
         a[u] = _mm512_mul_ps(_mm512_permutexvar_ps(index, s), _mm512_set1_ps(x[i]));
       } else {
         a[u] = _mm512_set1_ps(scales[(begin + kUnit * u) / group] * x[i]);
@@ -302,6 +399,45 @@ LOWBIT_TARGET_AVX512 void gemv_transposed_block(const QuantizedMatrix<float>& W,
   for (int s = 0; s < 16; ++s) _mm512_store_ps(lanes + kLanes * s, acc[s]);
   for (Index o = 0; o < length; ++o)
     y[begin + o] = lanes[lane_position(o, kLanes)] - offsets[(begin + o) / group - first_group];
+}
+
+// Output-axis groups, the short last block column (gemv_short_block.hpp): outputs
+// plan.begin + j in natural order, one accumulator per vector of positions.
+template <int Bits>
+LOWBIT_TARGET_AVX512 void gemv_transposed_short_block(const QuantizedMatrix<float>& W, const float* x,
+                                                      const ShortBlockPlan& plan, float* y) {
+  const Index n = W.stored_cols(), groups = W.groups_per_row();
+  constexpr int slots = short_slots(Bits), narrowest = narrowest_plane(Bits);
+  const Index m = plan.codes, slot_codes = m * narrowest / 8, length = n - plan.begin;
+  __m512 acc[kBlockCodes / kLanes + slots];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  float offsets[kBlockCodes] = {};  // sum_i a_ig z_ig per group of the block
+  for (Index i = 0; i < W.stored_rows(); ++i) {
+    const std::uint8_t* block = W.packed_row(i) + plan.begin * Bits / 8;
+    const float* scales = W.scales().data() + i * groups;
+    const float* zeros = W.zeros().data() + i * groups;
+    for (std::int32_t g = 0; g < plan.group_count; ++g)
+      offsets[g] += scales[plan.first_group + g] * x[i] * zeros[plan.first_group + g];
+    const ShortScales row_scales = short_scales(plan, scales);
+    const __m512 xi = _mm512_set1_ps(x[i]);
+    int vector = 0;
+    for (int slot = 0; slot < slots; ++slot) {
+      for (Index within = 0; within < slot_codes; within += kLanes, ++vector) {
+        const Index j = slot * slot_codes + within;
+        const __mmask16 mask = first_lanes(slot_codes - within);
+        const __m512i group = _mm512_loadu_si512(plan.group.data() + j);
+        const __m512 a = _mm512_mul_ps(position_scales(plan, row_scales, group), xi);
+        const __m512 q = _mm512_cvtepi32_ps(short_codes<Bits>(block, m, slot, within, mask));
+        acc[vector] = _mm512_fmadd_ps(q, a, acc[vector]);
+      }
+    }
+  }
+  alignas(64) float out[kBlockCodes + kLanes];
+  int vector = 0;
+  for (int slot = 0; slot < slots; ++slot)
+    for (Index within = 0; within < slot_codes; within += kLanes, ++vector)
+      _mm512_mask_storeu_ps(out + slot * slot_codes + within, first_lanes(slot_codes - within), acc[vector]);
+  for (Index o = 0; o < length; ++o) y[plan.begin + o] = out[o] - offsets[plan.group[static_cast<std::size_t>(o)]];
 }
 
 }  // namespace lowbit::detail::avx512

@@ -6,11 +6,15 @@
 //   sum_{j in g} (q_j - z_g) s_g x_j = s_g * (sum_{j in g} q_j x_j - z_g * S_g),
 //   S_g = sum_{j in g} x_j.
 //
-// Lane order. The SIMD kernels read a block's packed bytes as 32-bit lanes, so one
+// Lane order. The SIMD kernels read a full block's packed bytes as 32-bit lanes, so one
 // shift + mask yields, in lane k, code 4k + b of a unit of 4 * lanes consecutive codes
 // (b = 0..3 is the byte within the lane; see pack/layout.hpp). Instead of shuffling
 // codes into natural order for every row, x is shuffled once to match: within each unit,
-// x[4k + b] moves to position b * lanes + k.
+// x[4k + b] moves to position b * lanes + k. A short last block (gemv_short_block.hpp)
+// is read in natural order, so its part of x stays in natural order.
+//
+// The buffers live in a thread_local GemvInput reused from call to call: after the first
+// call of a given size, a GEMV allocates nothing.
 #pragma once
 
 #include <algorithm>
@@ -26,15 +30,28 @@ namespace lowbit::detail {
 // Lanes per vector of the kernel: 0 (scalar, natural order), 8 (AVX2) or 16 (AVX-512).
 [[nodiscard]] constexpr Index unit_codes(int lanes) { return 4 * static_cast<Index>(lanes); }
 
-// Position of stored column c in the lane order of `lanes`-wide vectors.
+// Stored row length rounded up to whole blocks: the SIMD kernels read whole blocks.
+[[nodiscard]] constexpr Index block_padded(Index n) { return (n + kBlockCodes - 1) / kBlockCodes * kBlockCodes; }
+
+// Codes of a row of n that lie in full 256-code blocks of the layout (the padded row is
+// cut into 256-code blocks; only the last may be shorter).
+[[nodiscard]] constexpr Index full_block_layout_codes(Index n) { return padded_codes(n) / kBlockCodes * kBlockCodes; }
+
+// Padded length m of the row's short last block (a multiple of 32), 0 when it has none.
+[[nodiscard]] constexpr Index short_block_codes(Index n) { return padded_codes(n) - full_block_layout_codes(n); }
+
+// Position of stored column c in the lane order of `lanes`-wide vectors (full blocks).
 [[nodiscard]] constexpr Index lane_position(Index c, int lanes) {
   if (lanes == 0) return c;
   const Index unit = unit_codes(lanes), within = c % unit;
   return c - within + (within % 4) * lanes + within / 4;
 }
 
-// Stored row length rounded up to whole blocks: the SIMD kernels read whole blocks.
-[[nodiscard]] constexpr Index block_padded(Index n) { return (n + kBlockCodes - 1) / kBlockCodes * kBlockCodes; }
+// Position of stored column c of a row of n in the x a kernel reads: lane order in the
+// full blocks, natural order in the short last block.
+[[nodiscard]] constexpr Index input_position(Index c, Index n, int lanes) {
+  return c < full_block_layout_codes(n) ? lane_position(c, lanes) : c;
+}
 
 // x in stored column order: x[permutation[j]] (input-axis groups only).
 template <class T, class Vec>
@@ -50,38 +67,50 @@ void gather_stored_order(const QuantizedMatrix<T>& W, const Vec& x, T* out) {
 
 template <class T>
 struct GemvInput {
-  std::vector<T> x;           // stored order, block-padded with zeros, in lane order
+  std::vector<T> x;           // stored order, block-padded with zeros, in kernel order
   std::vector<T> group_sums;  // S_g of the stored-order x, one per group of a stored row
   int lanes = 0;
 };
 
-// Prepares x for a non-transposed matrix (stored rows = output rows).
+// Prepares x for a non-transposed matrix (stored rows = output rows) into `input`,
+// reusing its buffers.
 template <class T, class Vec>
-GemvInput<T> prepare_gemv_input(const QuantizedMatrix<T>& W, const Vec& x, int lanes) {
+void prepare_gemv_input(const QuantizedMatrix<T>& W, const Vec& x, int lanes, GemvInput<T>& input) {
   const Index n = W.stored_cols(), group = W.group_length();
-  std::vector<T> stored(static_cast<std::size_t>(n));
-  gather_stored_order(W, x, stored.data());
-
-  GemvInput<T> input;
   input.lanes = lanes;
-  input.x.assign(static_cast<std::size_t>(block_padded(n)), T(0));
-  if (lanes == 0) {
-    std::copy(stored.begin(), stored.end(), input.x.begin());
-  } else {  // lane_position, unit by unit
-    const Index unit = unit_codes(lanes);
-    for (Index start = 0; start < n; start += unit)
-      for (Index k = 0; k < lanes; ++k)
-        for (Index b = 0; b < 4 && start + 4 * k + b < n; ++b)
-          input.x[static_cast<std::size_t>(start + b * lanes + k)] = stored[static_cast<std::size_t>(start + 4 * k + b)];
-  }
+  input.x.resize(static_cast<std::size_t>(block_padded(n)));
+  T* out = input.x.data();
+  gather_stored_order(W, x, out);
+  std::fill(out + n, out + block_padded(n), T(0));
 
-  // S_g in double, rounded once: the fold's only extra rounding is then that of S_g itself.
+  // S_g in double, rounded once: the fold's only extra rounding is then that of S_g
+  // itself. Four partial sums: one chain of dependent additions would cost more than
+  // a small matrix's whole product.
   input.group_sums.resize(static_cast<std::size_t>(W.groups_per_row()));
   for (Index g = 0; g < W.groups_per_row(); ++g) {
-    double sum = 0;
-    for (Index j = g * group; j < std::min(n, (g + 1) * group); ++j) sum += static_cast<double>(stored[static_cast<std::size_t>(j)]);
-    input.group_sums[static_cast<std::size_t>(g)] = static_cast<T>(sum);
+    const Index begin = g * group, end = std::min(n, (g + 1) * group);
+    double part[4] = {0, 0, 0, 0};
+    Index j = begin;
+    for (; j + 4 <= end; j += 4)
+      for (int k = 0; k < 4; ++k) part[k] += static_cast<double>(out[j + k]);
+    for (; j < end; ++j) part[0] += static_cast<double>(out[j]);
+    input.group_sums[static_cast<std::size_t>(g)] = static_cast<T>((part[0] + part[1]) + (part[2] + part[3]));
   }
+
+  if (lanes == 0) return;
+  const Index unit = unit_codes(lanes), lane_codes = std::min(n, full_block_layout_codes(n));
+  T natural[unit_codes(16)];
+  for (Index start = 0; start < lane_codes; start += unit) {  // lane_position, unit by unit
+    std::copy(out + start, out + start + unit, natural);
+    for (Index k = 0; k < lanes; ++k)
+      for (Index b = 0; b < 4; ++b) out[start + b * lanes + k] = natural[4 * k + b];
+  }
+}
+
+template <class T, class Vec>
+GemvInput<T> prepare_gemv_input(const QuantizedMatrix<T>& W, const Vec& x, int lanes) {
+  GemvInput<T> input;
+  prepare_gemv_input(W, x, lanes, input);
   return input;
 }
 
@@ -93,10 +122,10 @@ struct LaneGroups {
   std::vector<std::int32_t> first, count, offset;
 };
 
-[[nodiscard]] inline LaneGroups lane_groups(Index n, Index group_size, int lanes) {
+// The plan for the first n codes of a row (callers pass the codes in full blocks).
+inline void lane_groups(Index n, Index group_size, int lanes, LaneGroups& plan) {
   const Index unit = unit_codes(lanes), units = (n + unit - 1) / unit;
   const Index groups = (n + group_size - 1) / group_size;
-  LaneGroups plan;
   plan.first.resize(static_cast<std::size_t>(units));
   plan.count.resize(static_cast<std::size_t>(units));
   plan.offset.resize(static_cast<std::size_t>(units * lanes));
@@ -111,11 +140,16 @@ struct LaneGroups {
       plan.offset[static_cast<std::size_t>(u * lanes + k)] = static_cast<std::int32_t>(g - first);
     }
   }
+}
+
+[[nodiscard]] inline LaneGroups lane_groups(Index n, Index group_size, int lanes) {
+  LaneGroups plan;
+  lane_groups(n, group_size, lanes, plan);
   return plan;
 }
 
-// How a SIMD kernel applies scales for a matrix: once per group when every unit lies in
-// one group, per lane when groups split units, or not at all (generic path) otherwise.
+// How a SIMD kernel applies scales in full blocks: once per group when every unit lies
+// in one group, per lane when groups split units, or not at all (generic path) otherwise.
 enum class ScaleMode { PerGroup, PerLane, Generic };
 
 [[nodiscard]] inline ScaleMode scale_mode(Index n, Index group_size, int lanes) {

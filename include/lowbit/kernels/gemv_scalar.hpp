@@ -49,7 +49,7 @@ void gemv_transposed_block(const QuantizedMatrix<T>& W, const T* x, Index block,
   const Index begin = block * kBlockCodes, length = std::min(kBlockCodes, n - begin);
   const Index first_group = begin / group, last_group = (begin + length - 1) / group;
   T acc[kBlockCodes] = {};
-  std::vector<T> offsets(static_cast<std::size_t>(last_group - first_group + 1), T(0));  // sum_i a_ig z_ig
+  T offsets[kBlockCodes] = {};  // sum_i a_ig z_ig; a block of 256 outputs touches at most 256 groups
   std::uint8_t codes[kBlockCodes];
   for (Index i = 0; i < W.stored_rows(); ++i) {
     detail::unpack_row(W.packed_row(i) + begin * bits / 8, length, bits, codes, Isa::Scalar);
@@ -57,12 +57,12 @@ void gemv_transposed_block(const QuantizedMatrix<T>& W, const T* x, Index block,
     const float* zeros = W.zeros().data() + i * groups;
     for (Index g = first_group; g <= last_group; ++g) {
       const T a = static_cast<T>(scales[g]) * x[i];
-      offsets[static_cast<std::size_t>(g - first_group)] += a * static_cast<T>(zeros[g]);
+      offsets[g - first_group] += a * static_cast<T>(zeros[g]);
       for (Index o = std::max(begin, g * group); o < std::min(begin + length, (g + 1) * group); ++o)
         acc[o - begin] += a * static_cast<T>(codes[o - begin]);
     }
   }
-  for (Index o = 0; o < length; ++o) y[begin + o] = acc[o] - offsets[static_cast<std::size_t>((begin + o) / group - first_group)];
+  for (Index o = 0; o < length; ++o) y[begin + o] = acc[o] - offsets[(begin + o) / group - first_group];
 }
 
 }  // namespace lowbit::detail::scalar

@@ -204,7 +204,8 @@ template <class T>
 namespace detail::gptq {
 
 // Groups of a row of n (0 when group is 0: no refits by group).
-[[nodiscard]] inline Index groups_per_row_of(Index n, Index group) { return group > 0 ? (n + group - 1) / group : 0; }
+// No n + group - 1: group may be near 2^63.
+[[nodiscard]] inline Index groups_per_row_of(Index n, Index group) { return group > 0 && n > 0 ? (n - 1) / group + 1 : 0; }
 
 // Rows of W per chunk: the unit of parallel work. A multiple of every GEMM kernel's NR;
 // a chunk's working copy (in_features x 64) stays in L2.
