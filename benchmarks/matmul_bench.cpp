@@ -131,7 +131,9 @@ void BM_EigenGemvCold(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * rows * cols * static_cast<Index>(sizeof(float)));
 }
 
-void BM_Gemv(benchmark::State& state) {
+// y = W x through `kernel` (lowbit::gemv or lowbit::gemv_int8).
+template <auto Kernel>
+void gemv_benchmark(benchmark::State& state) {
   const Index rows = state.range(0), cols = state.range(1), group = state.range(3);
   const int bits = static_cast<int>(state.range(2));
   if (!use_isa(state, state.range(4))) return;
@@ -142,7 +144,7 @@ void BM_Gemv(benchmark::State& state) {
   Vector<float> y(rows);
   std::size_t next = 0;
   for (auto _ : state) {
-    lowbit::gemv(cold ? (*copies)[next] : one, x, y);
+    Kernel(cold ? (*copies)[next] : one, x, y);
     if (cold) next = (next + 1) % copies->size();
     benchmark::DoNotOptimize(y.data());
   }
@@ -150,24 +152,11 @@ void BM_Gemv(benchmark::State& state) {
   lowbit::set_isa(lowbit::best_isa());
 }
 
-void BM_GemvInt8(benchmark::State& state) {
-  const Index rows = state.range(0), cols = state.range(1), group = state.range(3);
-  const int bits = static_cast<int>(state.range(2));
-  if (!use_isa(state, state.range(4))) return;
-  const auto& one = quantized(rows, cols, bits, group);
-  const bool cold = state.range(5) != 0;
-  const std::vector<lowbit::QuantizedMatrix<float>>* copies = cold ? &cold_copies(one, one.packed_bytes()) : nullptr;
-  const Vector<float> x = Vector<float>::Random(cols);
-  Vector<float> y(rows);
-  std::size_t next = 0;
-  for (auto _ : state) {
-    lowbit::gemv_int8(cold ? (*copies)[next] : one, x, y);
-    if (cold) next = (next + 1) % copies->size();
-    benchmark::DoNotOptimize(y.data());
-  }
-  state.SetBytesProcessed(state.iterations() * static_cast<Index>(one.packed_bytes()));
-  lowbit::set_isa(lowbit::best_isa());
-}
+void gemv_float(const lowbit::QuantizedMatrix<float>& W, const Vector<float>& x, Vector<float>& y) { lowbit::gemv(W, x, y); }
+void gemv_int8(const lowbit::QuantizedMatrix<float>& W, const Vector<float>& x, Vector<float>& y) { lowbit::gemv_int8(W, x, y); }
+
+void BM_Gemv(benchmark::State& state) { gemv_benchmark<gemv_float>(state); }
+void BM_GemvInt8(benchmark::State& state) { gemv_benchmark<gemv_int8>(state); }
 
 void BM_EigenGemm(benchmark::State& state) {
   const Index rows = state.range(0), cols = state.range(1), tokens = state.range(2);

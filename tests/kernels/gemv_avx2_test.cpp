@@ -10,23 +10,12 @@
 namespace lowbit {
 namespace {
 
-using test::Case;
-
-bool avx2_runs() {
-  if (isa_supported(Isa::Avx2)) return true;
-  EXPECT_THROW(set_isa(Isa::Avx2), Error);  // this CPU cannot be forced onto the variant
-  return false;
+TEST(GemvAvx2, MatchesDequantizedReferenceOnEveryShapeBitWidthAndGroupSize) {
+  if (test::variant_runs(Isa::Avx2)) test::expect_variant_matches_reference(Isa::Avx2);
 }
 
-TEST(GemvAvx2, MatchesDequantizedReferenceOnEveryShapeBitWidthAndGroupSize) {
-  if (!avx2_runs()) return;
-  test::IsaScope scope(Isa::Avx2);
-  test::sweep_gemv_cases([](const QuantizedMatrix<float>& q, const Vector<float>& x, const Vector<double>& ref,
-                            const Vector<double>& bound, const std::string& name) {
-    Vector<float> y(q.rows());
-    gemv(q, x, y);
-    test::expect_within(y.cast<double>(), ref, bound, "avx2 " + name);
-  });
+TEST(GemvAvx2, AgreesWithScalarOnAWiderLayer) {
+  if (test::variant_runs(Isa::Avx2)) test::expect_variant_agrees_with_scalar(Isa::Avx2);
 }
 
 #if defined(LOWBIT_HAVE_AVX2)
@@ -60,7 +49,7 @@ void expect_block_decodes() {
 }
 
 TEST(GemvAvx2, SlicesDecodeTheLayoutInLaneOrder) {
-  if (!avx2_runs()) return;
+  if (!test::variant_runs(Isa::Avx2)) return;
   expect_block_decodes<1>();
   expect_block_decodes<2>();
   expect_block_decodes<3>();
@@ -71,27 +60,6 @@ TEST(GemvAvx2, SlicesDecodeTheLayoutInLaneOrder) {
   expect_block_decodes<8>();
 }
 #endif
-
-TEST(GemvAvx2, AgreesWithScalarOnAWiderLayer) {
-  if (!avx2_runs()) return;
-  for (const Case& c : {Case{67, 2500, 4, 64}, Case{33, 1111, 3, 128, GroupAxis::Input, true},
-                        Case{20, 700, 2, 32, GroupAxis::Output}, Case{40, 1000, 8, 0}}) {
-    const auto q = test::quantized_case<float>(c, 31);
-    const Vector<float> x = test::random_matrix<float>(c.cols, 1, 32);
-    const Vector<double> bound = test::gemv_bound(q, test::logical_params(q), x.cast<double>());
-    Vector<float> simd(c.rows), scalar(c.rows);
-    {
-      test::IsaScope scope(Isa::Avx2);
-      gemv(q, x, simd);
-    }
-    {
-      test::IsaScope scope(Isa::Scalar);
-      gemv(q, x, scalar);
-    }
-    // Both are within the bound of the exact value, so within twice of each other.
-    test::expect_within(simd.cast<double>(), scalar.cast<double>(), 2 * bound, c.name());
-  }
-}
 
 }  // namespace
 }  // namespace lowbit

@@ -10,23 +10,12 @@
 namespace lowbit {
 namespace {
 
-using test::Case;
-
-bool avx512_runs() {
-  if (isa_supported(Isa::Avx512)) return true;
-  EXPECT_THROW(set_isa(Isa::Avx512), Error);  // this CPU cannot be forced onto the variant
-  return false;
+TEST(GemvAvx512, MatchesDequantizedReferenceOnEveryShapeBitWidthAndGroupSize) {
+  if (test::variant_runs(Isa::Avx512)) test::expect_variant_matches_reference(Isa::Avx512);
 }
 
-TEST(GemvAvx512, MatchesDequantizedReferenceOnEveryShapeBitWidthAndGroupSize) {
-  if (!avx512_runs()) return;
-  test::IsaScope scope(Isa::Avx512);
-  test::sweep_gemv_cases([](const QuantizedMatrix<float>& q, const Vector<float>& x, const Vector<double>& ref,
-                            const Vector<double>& bound, const std::string& name) {
-    Vector<float> y(q.rows());
-    gemv(q, x, y);
-    test::expect_within(y.cast<double>(), ref, bound, "avx512 " + name);
-  });
+TEST(GemvAvx512, AgreesWithScalarOnAWiderLayer) {
+  if (test::variant_runs(Isa::Avx512)) test::expect_variant_agrees_with_scalar(Isa::Avx512);
 }
 
 #if defined(LOWBIT_HAVE_AVX512)
@@ -59,7 +48,7 @@ void expect_block_decodes() {
 }
 
 TEST(GemvAvx512, SlicesDecodeTheLayoutInLaneOrder) {
-  if (!avx512_runs()) return;
+  if (!test::variant_runs(Isa::Avx512)) return;
   expect_block_decodes<1>();
   expect_block_decodes<2>();
   expect_block_decodes<3>();
@@ -70,27 +59,6 @@ TEST(GemvAvx512, SlicesDecodeTheLayoutInLaneOrder) {
   expect_block_decodes<8>();
 }
 #endif
-
-TEST(GemvAvx512, AgreesWithScalarOnAWiderLayer) {
-  if (!avx512_runs()) return;
-  for (const Case& c : {Case{67, 2500, 4, 64}, Case{33, 1111, 3, 128, GroupAxis::Input, true},
-                        Case{20, 700, 2, 32, GroupAxis::Output}, Case{40, 1000, 8, 0}}) {
-    const auto q = test::quantized_case<float>(c, 31);
-    const Vector<float> x = test::random_matrix<float>(c.cols, 1, 32);
-    const Vector<double> bound = test::gemv_bound(q, test::logical_params(q), x.cast<double>());
-    Vector<float> simd(c.rows), scalar(c.rows);
-    {
-      test::IsaScope scope(Isa::Avx512);
-      gemv(q, x, simd);
-    }
-    {
-      test::IsaScope scope(Isa::Scalar);
-      gemv(q, x, scalar);
-    }
-    // Both are within the bound of the exact value, so within twice of each other.
-    test::expect_within(simd.cast<double>(), scalar.cast<double>(), 2 * bound, c.name());
-  }
-}
 
 }  // namespace
 }  // namespace lowbit

@@ -26,6 +26,7 @@
 #include "lowbit/core/isa.hpp"
 #include "lowbit/core/quantized_matrix.hpp"
 #include "lowbit/core/threading.hpp"
+#include "lowbit/kernels/gemv.hpp"
 #include "lowbit/quantizers/rtn.hpp"
 #include "test_util.hpp"
 
@@ -247,6 +248,48 @@ void expect_thread_invariant(const std::vector<Case>& cases, Product&& product) 
       EXPECT_EQ(std::memcmp(one.data(), two.data(), sizeof(float) * static_cast<std::size_t>(c.rows)), 0)
           << isa_name(isa) << " " << c.name();
     }
+  }
+}
+
+// The checks every SIMD GEMV variant passes, for the per-ISA test programs.
+
+// Whether `isa` runs here; where it does not, forcing it must throw.
+inline bool variant_runs(Isa isa) {
+  if (isa_supported(isa)) return true;
+  EXPECT_THROW(set_isa(isa), Error);  // this CPU cannot be forced onto the variant
+  return false;
+}
+
+// gemv forced onto `isa` against dequantize() on every shape, bit width and group size.
+inline void expect_variant_matches_reference(Isa isa) {
+  IsaScope scope(isa);
+  const std::string label(isa_name(isa));
+  sweep_gemv_cases([&](const QuantizedMatrix<float>& q, const Vector<float>& x, const Vector<double>& ref,
+                       const Vector<double>& bound, const std::string& name) {
+    Vector<float> y(q.rows());
+    gemv(q, x, y);
+    expect_within(y.cast<double>(), ref, bound, label + " " + name);
+  });
+}
+
+// gemv forced onto `isa` against the scalar reference on wider layers (both within the
+// bound of the exact value, so within twice the bound of each other).
+inline void expect_variant_agrees_with_scalar(Isa isa) {
+  for (const Case& c : {Case{67, 2500, 4, 64}, Case{33, 1111, 3, 128, GroupAxis::Input, true},
+                        Case{20, 700, 2, 32, GroupAxis::Output}, Case{40, 1000, 8, 0}}) {
+    const auto q = quantized_case<float>(c, 31);
+    const Vector<float> x = random_matrix<float>(c.cols, 1, 32);
+    const Vector<double> bound = gemv_bound(q, logical_params(q), x.cast<double>());
+    Vector<float> simd(c.rows), scalar(c.rows);
+    {
+      IsaScope scope(isa);
+      gemv(q, x, simd);
+    }
+    {
+      IsaScope scope(Isa::Scalar);
+      gemv(q, x, scalar);
+    }
+    expect_within(simd.cast<double>(), scalar.cast<double>(), 2 * bound, c.name());
   }
 }
 
