@@ -138,7 +138,8 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
                             (lane_codes + unit - 1) / unit,
                             W.groups_per_row(),
                             units_per_group,
-                            W.packed_codes().data() + W.packed_codes().size()};
+                            W.packed_codes().data() + W.packed_codes().size(),
+                            W.row_bytes()};
     const Index tasks = (rows + kKernelRows - 1) / kKernelRows;
     with_bits(W.spec().bits, [&](auto bits_constant) {
       constexpr int Bits = decltype(bits_constant)::value;

@@ -27,6 +27,7 @@
 #include "lowbit/core/threading.hpp"
 #include "lowbit/kernels/gemv.hpp"
 #include "lowbit/kernels/gemv_avx512.hpp"
+#include "lowbit/kernels/prefetch.hpp"
 #include "lowbit/pack/avx2.hpp"
 #include "lowbit/pack/avx512.hpp"
 #include "lowbit/pack/scalar.hpp"
@@ -192,7 +193,9 @@ void repack_tail_block(const std::uint8_t* row, Index n, std::uint8_t* out) {
 struct Int8RowsArgs {
   const Int8Input* input;
   Index n, groups;
-  Index chunks_per_group;  // ScaleBlock::Group: integer sums run this many chunks
+  Index chunks_per_group;            // ScaleBlock::Group: integer sums run this many chunks
+  Index row_bytes;                   // stride of the packed rows (prefetch.hpp)
+  const std::uint8_t* storage_end;   // end of the packed codes
 };
 
 // How a kernel scales its integer sums: once per group (one activation block per
@@ -334,6 +337,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
   for (Index blk = 0; blk < blocks; ++blk) {
     const std::uint8_t* block[Rows];
     for (int r = 0; r < Rows; ++r) block[r] = blk < full_blocks ? rows[r] + blk * block_bytes : tail[r];
+    prefetch_next_row_group(rows[0], Rows, args.row_bytes, block_bytes, blk, args.storage_end);
     if (!int8_chunk<Bits, Rows, Mode, 0>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
         !int8_chunk<Bits, Rows, Mode, 1>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
         !int8_chunk<Bits, Rows, Mode, 2>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
@@ -408,6 +412,7 @@ LOWBIT_TARGET_AVX2 void gemv_int8_rows(const Int8RowsArgs& args, const std::uint
   for (Index blk = 0; blk < blocks; ++blk) {
     const std::uint8_t* block[Rows];
     for (int r = 0; r < Rows; ++r) block[r] = blk < full_blocks ? rows[r] + blk * block_bytes : tail[r];
+    prefetch_next_row_group(rows[0], Rows, args.row_bytes, block_bytes, blk, args.storage_end);
     if (!int8_chunk<Bits, Rows, Mode, 0>(args, block, scales, blk, chunks_left, group, dot, total) ||
         !int8_chunk<Bits, Rows, Mode, 1>(args, block, scales, blk, chunks_left, group, dot, total) ||
         !int8_chunk<Bits, Rows, Mode, 2>(args, block, scales, blk, chunks_left, group, dot, total) ||
@@ -445,7 +450,12 @@ inline void gemv_int8(const QuantizedMatrix<float>& W, const float* x, float* y,
   const Int8Input input = quantize_activation(W, x, isa);
   const Index rows = W.rows(), n = W.stored_cols();
   const ScaleBlock mode = scale_block(input, n, W.group_length());
-  const Int8RowsArgs args{&input, n, W.groups_per_row(), kernel == 2 ? input.block / 64 : input.block / 32};
+  const Int8RowsArgs args{&input,
+                          n,
+                          W.groups_per_row(),
+                          kernel == 2 ? input.block / 64 : input.block / 32,
+                          W.row_bytes(),
+                          W.packed_codes().data() + W.packed_codes().size()};
   const Index tasks = (rows + kKernelRows - 1) / kKernelRows;
   with_bits(W.spec().bits, [&](auto bits_constant) {
     constexpr int Bits = decltype(bits_constant)::value;

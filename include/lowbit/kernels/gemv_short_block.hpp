@@ -128,6 +128,7 @@ struct GemvRowsArgs {
   Index groups;                       // groups per row
   Index units_per_group;              // ScaleMode::PerGroup: units between scale applications
   const std::uint8_t* storage_end;    // end of the packed codes (see kOverread)
+  Index row_bytes;                    // stride of the packed rows (prefetch.hpp)
 };
 
 }  // namespace lowbit::detail
