@@ -291,11 +291,68 @@ LOWBIT_TARGET_AVX512 inline void short_block_rows(const GemvRowsArgs& args, cons
     total_out[r] = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(block_scales[r][current]), total[r]);
 }
 
+// The short block of a one-plane width of at most 4 bits (1, 2, 4) whose runs each lie
+// in one group (short_block_runs_in_one_group): the common case of small models. Byte
+// j of the plane (L bytes) holds position s L + j at bit Bits * s for every slot s, so
+// one zero-extending load of 16 bytes serves all 8 / Bits slots, and a permute of the
+// 16-entry table t_g[i] = (i mod 2^Bits) s_g (vpermps reads only the low 4 bits of each
+// lane: no mask) turns the codes into q s_g at once:
+//   total += (q_j s_g) x_j,
+// one permute and one FMA per 16 positions. Each slot keeps its own table per row;
+// within a slot the group only grows, so a table is rebuilt when its group changes.
+template <int Bits, int Rows>
+LOWBIT_TARGET_AVX512 inline void short_block_table_rows(const GemvRowsArgs& args, const std::uint8_t* const* rows,
+                                                        const float* const* scales, __m512* total) {
+  static_assert(Bits == 1 || Bits == 2 || Bits == 4);
+  constexpr int slots = 8 / Bits;
+  const ShortBlockPlan& plan = *args.short_block;
+  const Index plane_bytes = plan.codes * Bits / 8;
+  const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((1 << Bits) - 1)));
+  const std::uint8_t* blocks[Rows];
+  const float* block_scales[Rows];
+  __m512 table[slots][Rows];
+  std::int32_t current[slots];  // the group each slot's tables hold
+  for (int slot = 0; slot < slots; ++slot) {
+    current[slot] = plan.group[static_cast<std::size_t>(slot * plane_bytes)];
+    for (int r = 0; r < Rows; ++r) {
+      if (slot == 0) {
+        blocks[r] = rows[r] + plan.begin * Bits / 8;
+        block_scales[r] = scales[r] + plan.first_group;
+      }
+      table[slot][r] = _mm512_mul_ps(codes, _mm512_set1_ps(block_scales[r][current[slot]]));
+    }
+  }
+  const float* x = args.x + plan.begin;
+  for (Index within = 0; within < plane_bytes; within += kLanes) {
+    const __mmask16 mask = first_lanes(plane_bytes - within);
+    __m512i bytes[Rows];
+    for (int r = 0; r < Rows; ++r) bytes[r] = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, blocks[r] + within));
+    for (int slot = 0; slot < slots; ++slot) {
+      const Index j = slot * plane_bytes + within;
+      const std::int32_t group = plan.group[static_cast<std::size_t>(j)];
+      if (group != current[slot]) {
+        for (int r = 0; r < Rows; ++r) table[slot][r] = _mm512_mul_ps(codes, _mm512_set1_ps(block_scales[r][group]));
+        current[slot] = group;
+      }
+      const __m512 xj = _mm512_maskz_loadu_ps(mask, x + j);
+      for (int r = 0; r < Rows; ++r) {
+        const __m512i index = slot == 0 ? bytes[r] : _mm512_srli_epi32(bytes[r], static_cast<unsigned>(Bits * slot));
+        total[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(index, table[slot][r]), xj, total[r]);
+      }
+    }
+  }
+}
+
 // Scales of a straddling vector: permuted from one vector of the block's scales when
 // they fit, else gathered.
 template <int Bits, int Rows>
 LOWBIT_TARGET_AVX512 inline void short_block_fma(const GemvRowsArgs& args, const std::uint8_t* const* rows,
                                                  const float* const* scales, __m512* total) {
+  if constexpr (Bits == 1 || Bits == 2 || Bits == 4) {
+    if (short_block_runs_in_one_group(*args.short_block, Bits, kLanes))
+      return short_block_table_rows<Bits, Rows>(args, rows, scales, total);
+  }
   if (args.short_block->group_count > kLanes) short_block_rows<Bits, Rows, true>(args, rows, scales, total);
   else short_block_rows<Bits, Rows, false>(args, rows, scales, total);
 }

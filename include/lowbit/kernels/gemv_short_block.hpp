@@ -65,12 +65,14 @@ struct ShortBlockPlan {
   Index codes = 0;                     // m (0: the row has no short block)
   std::int32_t first_group = 0;        // group of code `begin`
   std::int32_t group_count = 0;        // groups the block's codes touch
+  Index group_size = 1;                // of the matrix
   std::array<std::int32_t, kBlockCodes + kSlack> group{};  // group of each position - first_group
 };
 
 inline void plan_short_block(Index n, Index group_size, ShortBlockPlan& plan) {
   plan.begin = full_block_layout_codes(n);
   plan.codes = short_block_codes(n);
+  plan.group_size = group_size;
   plan.first_group = plan.codes == 0 ? 0 : static_cast<std::int32_t>(plan.begin / group_size);
   const Index last = plan.codes == 0 ? plan.begin : n - 1;  // padding positions hold zero x
   plan.group_count = plan.codes == 0 ? 0 : static_cast<std::int32_t>(last / group_size - plan.first_group + 1);
@@ -115,6 +117,14 @@ struct PlaneSlot {
 
 [[nodiscard]] constexpr PlaneSlot plane_slot(int bits, int plane, Index m, int slot) {
   return plane_slot(planes_for_bits(bits), plane, m, slot);
+}
+
+// True when every run of `lanes` positions the kernels visit in the short block of a
+// `bits`-wide matrix (runs start at multiples of `lanes` within a slot of the narrowest
+// plane) lies inside one group: the block is one group, or both the slot length and the
+// group size are multiples of `lanes` (the block starts at a multiple of 256).
+[[nodiscard]] inline bool short_block_runs_in_one_group(const ShortBlockPlan& plan, int bits, Index lanes) {
+  return plan.group_count <= 1 || (short_slot_codes(bits, plan.codes) % lanes == 0 && plan.group_size % lanes == 0);
 }
 
 // Everything a row kernel reads besides the packed rows, for either vector width.
