@@ -307,8 +307,7 @@ LOWBIT_TARGET_AVX512 inline void short_block_table_rows(const GemvRowsArgs& args
   constexpr int slots = 8 / Bits;
   const ShortBlockPlan& plan = *args.short_block;
   const Index plane_bytes = plan.codes * Bits / 8;
-  const __m512 codes = _mm512_cvtepi32_ps(_mm512_and_si512(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((1 << Bits) - 1)));
+  const __m512 codes = decode_tables<Bits>().low;  // float(i mod 2^Bits)
   const std::uint8_t* blocks[Rows];
   const float* block_scales[Rows];
   __m512 table[slots][Rows];
