@@ -7,6 +7,7 @@
 #include <set>
 
 #include "kernel_test_util.hpp"
+#include "lowbit/kernels/gemv.hpp"
 
 namespace lowbit {
 namespace {
@@ -51,6 +52,31 @@ TEST(GemvInput, PermutesOncePadsWithZerosAndSumsGroups) {
       EXPECT_EQ(input.group_sums[static_cast<std::size_t>(g)], static_cast<float>(sum)) << g;
     }
   }
+}
+
+// The buffers are reused from call to call and never shrink: after a longer x, a
+// shorter one must still read zeros past its end (a folded-zero table kernel turns a
+// stale padding entry x_j into -z s x_j), and a call without group sums leaves them.
+TEST(GemvInput, ReusedBuffersPadAShorterInputWithZeros) {
+  detail::GemvInput<float> input;
+  const auto longer = test::quantized_case<float>(test::Case{2, 300, 4, 64}, 5);
+  const Vector<float> x_long = Vector<float>::Constant(300, 7.0f);
+  detail::prepare_gemv_input(longer, x_long.data(), 16, input);
+  ASSERT_EQ(input.x.size(), 512u);
+  const auto shorter = test::quantized_case<float>(test::Case{2, 40, 4, 32}, 6);
+  const Vector<float> x_short = test::random_matrix<float>(40, 1, 7);
+  detail::prepare_gemv_input(shorter, x_short.data(), 16, input, /*with_group_sums=*/false);
+  ASSERT_GE(input.x.size(), 256u);
+  for (Index j = 0; j < 256; ++j) EXPECT_EQ(input.x[static_cast<std::size_t>(j)], j < 40 ? x_short[j] : 0.0f) << j;
+
+  // Through gemv on one thread (so through one thread's buffers): a 300-wide product,
+  // then 40-wide ones on the table path, against dequantize().
+  test::ThreadScope single(1);
+  Vector<float> y_long(2), y_short(2);
+  gemv(longer, x_long, y_long);
+  gemv(shorter, x_short, y_short);
+  test::expect_within(y_short.cast<double>(), test::reference_gemv(shorter, x_short),
+                      test::gemv_bound(shorter, test::logical_params(shorter), x_short.cast<double>()), "40 after 300");
 }
 
 TEST(GemvInput, LaneGroupsGiveEachLaneItsGroup) {

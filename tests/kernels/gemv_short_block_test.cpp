@@ -190,7 +190,7 @@ TEST(GemvShortBlock, EveryIsaMatchesTheDequantizedReferenceOnShortRows) {
       for (int bits = 1; bits <= 8; ++bits)
         for (Index group : {Index{32}, Index{64}, Index{128}, Index{0}, Index{12}, Index{100}, Index{7}})
           for (int variant = 0; variant < 3; ++variant) {
-            Case c{5, n, bits, group};
+            Case c{13, n, bits, group};  // 13 rows: an 8-row, a 4-row and a 1-row kernel call
             c.permuted = variant == 1 && n > 1;
             if (variant == 2) c = Case{n, 5, bits, group, GroupAxis::Output};
             ++seed;

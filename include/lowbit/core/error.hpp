@@ -37,10 +37,13 @@ void require(bool condition, Parts&&... parts) {
 }
 
 // Refuses NaN/Inf anywhere in a matrix, naming the argument and the first bad entry.
-// Fast path: a row's sum is finite whenever all its entries are (NaN and Inf
-// propagate); only a non-finite sum (a bad entry, or an overflow) is looked at closely.
+// Fast path: a sum of entries is non-finite whenever one of them is (NaN and Inf
+// propagate), so a finite sum of the whole matrix clears it in one vectorized pass;
+// otherwise (a bad entry, or an overflow) rows whose sum is not finite are looked at
+// entry by entry.
 template <class Derived>
 void require_finite(const Derived& m, const char* name) {
+  if (std::isfinite(static_cast<double>(m.sum()))) return;
   for (Eigen::Index r = 0; r < m.rows(); ++r) {
     if (std::isfinite(static_cast<double>(m.row(r).sum()))) continue;
     for (Eigen::Index c = 0; c < m.cols(); ++c)

@@ -113,7 +113,15 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
   // A reference, so the worker threads read this thread's buffers, not their own.
   thread_local GemvInput<T> input_buffers;
   GemvInput<T>& input = input_buffers;
-  prepare_gemv_input(W, x, lanes, input);
+  const GemvShapePlan* plan = lanes == 0 ? nullptr : &shape_plan(n, W.group_length(), lanes);
+  // Rows that are one short block each take, on AVX-512, tables with the zeros folded
+  // in (gemv_avx512.hpp): no group sums to compute.
+  bool short_rows = false, fold_zeros = false;
+#if defined(LOWBIT_HAVE_AVX512)
+  short_rows = lanes == avx512::kLanes && full_block_layout_codes(n) == 0;
+  fold_zeros = short_rows && avx512::short_rows_fold_zeros(plan->short_block, W.spec().bits);
+#endif
+  prepare_gemv_input(W, x, lanes, input, !fold_zeros);
   if (lanes == 0) {
     constexpr Index kRowsPerTask = 8;
     const Index tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
@@ -127,22 +135,35 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    const GemvShapePlan& plan = shape_plan(n, W.group_length(), lanes);
     const Index unit = unit_codes(lanes), lane_codes = std::min(n, full_block_layout_codes(n));
     const Index units_per_group = W.group_length() >= n ? (n + unit - 1) / unit : W.group_length() / unit;
     const GemvRowsArgs args{input.x.data(),
                             input.group_sums.data(),
-                            &plan.lane_groups,
-                            &plan.short_block,
+                            &plan->lane_groups,
+                            &plan->short_block,
                             full_block_layout_codes(n) / kBlockCodes,
                             (lane_codes + unit - 1) / unit,
                             W.groups_per_row(),
                             units_per_group,
                             W.packed_codes().data() + W.packed_codes().size(),
-                            W.row_bytes()};
+                            W.row_bytes(),
+                            W.packed_codes().data(),
+                            W.scales().data(),
+                            W.zeros().data()};
     const Index tasks = (rows + kKernelRows - 1) / kKernelRows;
     with_bits(W.spec().bits, [&](auto bits_constant) {
       constexpr int Bits = decltype(bits_constant)::value;
+#if defined(LOWBIT_HAVE_AVX512)
+      if (short_rows) {
+        constexpr Index kShortRowsPerTask = 16 * kKernelRows;
+        const Index short_tasks = (rows + kShortRowsPerTask - 1) / kShortRowsPerTask;
+        parallel_for(short_tasks, [&](Index task) {
+          const Index first = task * kShortRowsPerTask;
+          avx512::short_rows_range<Bits>(args, first, std::min(kShortRowsPerTask, rows - first), y + first);
+        }, min_parallel_tasks(short_tasks, rows * n));
+        return;
+      }
+#endif
       const auto run = [&](auto mode_constant) {
         constexpr ScaleMode Mode = decltype(mode_constant)::value;
         parallel_for(tasks, [&](Index task) {
@@ -161,7 +182,7 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
 #endif
         }, min_parallel_tasks(tasks, rows * n));
       };
-      if (plan.mode == ScaleMode::PerLane) run(std::integral_constant<ScaleMode, ScaleMode::PerLane>{});
+      if (plan->mode == ScaleMode::PerLane) run(std::integral_constant<ScaleMode, ScaleMode::PerLane>{});
       else run(std::integral_constant<ScaleMode, ScaleMode::PerGroup>{});
     });
   }

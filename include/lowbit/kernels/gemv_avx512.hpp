@@ -141,18 +141,18 @@ LOWBIT_TARGET_AVX512 inline __m512 subtract_zero_correction(__m512 total, const 
 }
 
 // y[r] = the sum of the lanes of v[r], r = 0..3: the four reductions share their
-// shuffles (128-bit chunks first, then within each chunk).
-LOWBIT_TARGET_AVX512 inline void reduce_add_4(const __m512* v, float* y) {
+// shuffles (128-bit chunks first, then one permute gathers each row's four partial
+// sums into one lane of each chunk), and y is written with one store.
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void reduce_add_4(const __m512* v, float* y) {
   // [a0 + a2, a1 + a3, b0 + b2, b1 + b3] in 128-bit chunks, and the same for c, d.
   const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
   const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
   // Chunk k: four partial sums of row k.
-  __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  w = _mm512_add_ps(w, _mm512_permute_ps(w, 0x4E));
-  w = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
-  alignas(64) float lanes[kLanes];
-  _mm512_store_ps(lanes, w);
-  for (int r = 0; r < 4; ++r) y[r] = lanes[4 * r];
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  // Chunk i: partial sum i of rows 0..3.
+  const __m512 t = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), w);
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+  _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
 }
 
 // sum_g s_g z_g S_g.
@@ -291,6 +291,15 @@ LOWBIT_TARGET_AVX512 inline void short_block_rows(const GemvRowsArgs& args, cons
     total_out[r] = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(block_scales[r][current]), total[r]);
 }
 
+// Entry i of a table-path row's table for `group`: code i times the scale, minus the
+// zero first when it is folded in.
+template <bool FoldZeros>
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline __m512 short_table(__m512 codes, const float* scales,
+                                                                      const float* zeros, std::int32_t group) {
+  if constexpr (FoldZeros) codes = _mm512_sub_ps(codes, _mm512_set1_ps(zeros[group]));
+  return _mm512_mul_ps(codes, _mm512_set1_ps(scales[group]));
+}
+
 // The short block of a one-plane width of at most 4 bits (1, 2, 4) whose runs each lie
 // in one group (short_block_runs_in_one_group): the common case of small models. Byte
 // j of the plane (L bytes) holds position s L + j at bit Bits * s for every slot s, so
@@ -300,60 +309,150 @@ LOWBIT_TARGET_AVX512 inline void short_block_rows(const GemvRowsArgs& args, cons
 //   total += (q_j s_g) x_j,
 // one permute and one FMA per 16 positions. Each slot keeps its own table per row;
 // within a slot the group only grows, so a table is rebuilt when its group changes.
-template <int Bits, int Rows>
+// With FoldZeros (rows that are nothing but this block) the table holds the decoded
+// weight t_g[i] = (i mod 2^Bits - z_g) s_g, so no zero correction follows.
+template <int Bits, int Rows, bool FoldZeros>
 LOWBIT_TARGET_AVX512 inline void short_block_table_rows(const GemvRowsArgs& args, const std::uint8_t* const* rows,
-                                                        const float* const* scales, __m512* total) {
+                                                        const float* const* scales, const float* const* zeros,
+                                                        __m512* total) {
   static_assert(Bits == 1 || Bits == 2 || Bits == 4);
   constexpr int slots = 8 / Bits;
   const ShortBlockPlan& plan = *args.short_block;
   const Index plane_bytes = plan.codes * Bits / 8;
   const __m512 codes = decode_tables<Bits>().low;  // float(i mod 2^Bits)
   const std::uint8_t* blocks[Rows];
-  const float* block_scales[Rows];
-  __m512 table[slots][Rows];
+  const float *block_scales[Rows], *block_zeros[Rows];
+  // Unrolled over slots and rows so that tables and sums stay in registers; even and
+  // odd slots add into separate sums, halving each row's chain of dependent FMAs.
+  constexpr int chains = Rows >= 8 ? 1 : 2;  // eight rows give the FMAs enough chains
+  __m512 table[slots][Rows], sum[chains][Rows];
   std::int32_t current[slots];  // the group each slot's tables hold
+#pragma GCC unroll 8
   for (int slot = 0; slot < slots; ++slot) {
     current[slot] = plan.group[static_cast<std::size_t>(slot * plane_bytes)];
+#pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       if (slot == 0) {
         blocks[r] = rows[r] + plan.begin * Bits / 8;
         block_scales[r] = scales[r] + plan.first_group;
+        block_zeros[r] = zeros[r] + plan.first_group;
+        sum[0][r] = total[r];
+        if constexpr (chains == 2) sum[chains - 1][r] = _mm512_setzero_ps();
       }
-      table[slot][r] = _mm512_mul_ps(codes, _mm512_set1_ps(block_scales[r][current[slot]]));
+      table[slot][r] = short_table<FoldZeros>(codes, block_scales[r], block_zeros[r], current[slot]);
     }
   }
   const float* x = args.x + plan.begin;
   for (Index within = 0; within < plane_bytes; within += kLanes) {
     const __mmask16 mask = first_lanes(plane_bytes - within);
     __m512i bytes[Rows];
+#pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) bytes[r] = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, blocks[r] + within));
+#pragma GCC unroll 8
     for (int slot = 0; slot < slots; ++slot) {
       const Index j = slot * plane_bytes + within;
       const std::int32_t group = plan.group[static_cast<std::size_t>(j)];
       if (group != current[slot]) {
-        for (int r = 0; r < Rows; ++r) table[slot][r] = _mm512_mul_ps(codes, _mm512_set1_ps(block_scales[r][group]));
+#pragma GCC unroll 8
+        for (int r = 0; r < Rows; ++r) table[slot][r] = short_table<FoldZeros>(codes, block_scales[r], block_zeros[r], group);
         current[slot] = group;
       }
       const __m512 xj = _mm512_maskz_loadu_ps(mask, x + j);
+#pragma GCC unroll 8
       for (int r = 0; r < Rows; ++r) {
         const __m512i index = slot == 0 ? bytes[r] : _mm512_srli_epi32(bytes[r], static_cast<unsigned>(Bits * slot));
-        total[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(index, table[slot][r]), xj, total[r]);
+        sum[slot % chains][r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(index, table[slot][r]), xj, sum[slot % chains][r]);
       }
     }
   }
+#pragma GCC unroll 8
+  for (int r = 0; r < Rows; ++r) total[r] = chains == 2 ? _mm512_add_ps(sum[0][r], sum[chains - 1][r]) : sum[0][r];
 }
 
 // Scales of a straddling vector: permuted from one vector of the block's scales when
 // they fit, else gathered.
 template <int Bits, int Rows>
 LOWBIT_TARGET_AVX512 inline void short_block_fma(const GemvRowsArgs& args, const std::uint8_t* const* rows,
-                                                 const float* const* scales, __m512* total) {
+                                                 const float* const* scales, const float* const* zeros, __m512* total) {
   if constexpr (Bits == 1 || Bits == 2 || Bits == 4) {
     if (short_block_runs_in_one_group(*args.short_block, Bits, kLanes))
-      return short_block_table_rows<Bits, Rows>(args, rows, scales, total);
+      return short_block_table_rows<Bits, Rows, false>(args, rows, scales, zeros, total);
   }
   if (args.short_block->group_count > kLanes) short_block_rows<Bits, Rows, true>(args, rows, scales, total);
   else short_block_rows<Bits, Rows, false>(args, rows, scales, total);
+}
+
+// y[r] = sum over lanes of total[r] minus the zero correction, for Rows rows.
+template <int Rows>
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void finish_rows(const GemvRowsArgs& args, const float* const* scales,
+                                                                    const float* const* zeros, __m512* total, float* y) {
+  for (int r = 0; r < Rows; ++r)
+    total[r] = subtract_zero_correction(total[r], scales[r], zeros[r], args.group_sums, args.groups);
+  if constexpr (Rows % 4 == 0) {
+    for (int r = 0; r < Rows; r += 4) reduce_add_4(total + r, y + r);
+  } else {
+    for (int r = 0; r < Rows; ++r) y[r] = _mm512_reduce_add_ps(total[r]);
+  }
+}
+
+// True when rows that are nothing but a short block (every row of a small model) take
+// the table path with the zeros folded into the tables (short_block_table_rows), so
+// the GEMV needs no group sums of x.
+[[nodiscard]] inline bool short_rows_fold_zeros(const ShortBlockPlan& plan, int bits) {
+  return (bits == 1 || bits == 2 || bits == 4) && short_block_runs_in_one_group(plan, bits, kLanes);
+}
+
+// y[r] for Rows rows that are nothing but a short block.
+template <int Bits, int Rows>
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void short_rows(const GemvRowsArgs& args,
+                                                                   const std::uint8_t* const* rows,
+                                                                   const float* const* scales,
+                                                                   const float* const* zeros, float* y) {
+  __m512 total[Rows];
+  for (int r = 0; r < Rows; ++r) total[r] = _mm512_setzero_ps();
+  if constexpr (Bits == 1 || Bits == 2 || Bits == 4) {
+    if (short_rows_fold_zeros(*args.short_block, Bits)) {
+      short_block_table_rows<Bits, Rows, true>(args, rows, scales, zeros, total);
+      if constexpr (Rows % 4 == 0) for (int r = 0; r < Rows; r += 4) reduce_add_4(total + r, y + r);
+      else for (int r = 0; r < Rows; ++r) y[r] = _mm512_reduce_add_ps(total[r]);
+      return;
+    }
+  }
+  short_block_fma<Bits, Rows>(args, rows, scales, zeros, total);
+  finish_rows<Rows>(args, scales, zeros, total, y);
+}
+
+// Rows [first, first + count) of a matrix whose rows are nothing but a short block:
+// one call walks them four at a time (quads at multiples of 4, so each row's
+// arithmetic does not depend on how rows are split among threads), with the row
+// pointers advanced here rather than gathered per quad by the caller.
+template <int Bits>
+LOWBIT_TARGET_AVX512 void short_rows_range(const GemvRowsArgs& args, Index first, Index count, float* y) {
+  constexpr int kQuad = Bits == 4 ? 8 : 4;
+  const std::uint8_t* rows[kQuad];
+  const float *scales[kQuad], *zeros[kQuad];
+  const auto point_at = [&](Index r) {  // rows r.. of the range, as many as remain (<= 4)
+    for (Index k = 0; k < std::min<Index>(kQuad, count - r); ++k) {
+      const Index row = first + r + k;
+      rows[k] = args.packed + row * args.row_bytes;
+      scales[k] = args.scales + row * args.groups;
+      zeros[k] = args.zeros + row * args.groups;
+    }
+  };
+  Index r = 0;
+  for (; r + kQuad <= count; r += kQuad) {
+    point_at(r);
+    short_rows<Bits, kQuad>(args, rows, scales, zeros, y + r);
+  }
+  if constexpr (kQuad == 8) {
+    if (r + 4 <= count) {
+      point_at(r);
+      short_rows<Bits, 4>(args, rows, scales, zeros, y + r);
+      r += 4;
+    }
+  }
+  point_at(r);
+  for (int k = 0; r < count; ++r, ++k) short_rows<Bits, 1>(args, rows + k, scales + k, zeros + k, y + r);
 }
 
 // y[r] for Rows consecutive stored rows.
@@ -387,14 +486,8 @@ LOWBIT_TARGET_AVX512 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t
       if (!unit_step<Bits, Rows, Mode, 3>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
     }
   }
-  if (args.short_block->codes > 0) short_block_fma<Bits, Rows>(args, rows, scales, total);
-  for (int r = 0; r < Rows; ++r)
-    total[r] = subtract_zero_correction(total[r], scales[r], zeros[r], args.group_sums, args.groups);
-  if constexpr (Rows == 4) {
-    reduce_add_4(total, y);
-  } else {
-    for (int r = 0; r < Rows; ++r) y[r] = _mm512_reduce_add_ps(total[r]);
-  }
+  if (args.short_block->codes > 0) short_block_fma<Bits, Rows>(args, rows, scales, zeros, total);
+  finish_rows<Rows>(args, scales, zeros, total, y);
 }
 
 // acc[4U + b] += codes of slice (U, b) * a, b = 0..3.

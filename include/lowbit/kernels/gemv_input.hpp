@@ -70,24 +70,31 @@ struct GemvInput {
   std::vector<T> x;           // stored order, block-padded with zeros, in kernel order
   std::vector<T> group_sums;  // S_g of the stored-order x, one per group of a stored row
   int lanes = 0;
+  Index written = 0;  // x[written..] is zero: the buffer never shrinks
 };
 
 // Prepares x for a non-transposed matrix (stored rows = output rows) into `input`,
-// reusing its buffers.
+// reusing its buffers; the group sums only when `with_group_sums` (a kernel that folds
+// the zeros into its tables does not read them).
 template <class T, class Vec>
-void prepare_gemv_input(const QuantizedMatrix<T>& W, const Vec& x, int lanes, GemvInput<T>& input) {
+void prepare_gemv_input(const QuantizedMatrix<T>& W, const Vec& x, int lanes, GemvInput<T>& input,
+                        bool with_group_sums = true) {
   const Index n = W.stored_cols(), group = W.group_length();
   input.lanes = lanes;
-  input.x.resize(static_cast<std::size_t>(block_padded(n)));
+  // Padding past n must read as zero. New entries are zero, so only what an earlier,
+  // longer x wrote is cleared (a small model alternates a few lengths: clearing the
+  // whole padded block per call would cost as much as its product).
+  if (input.x.size() < static_cast<std::size_t>(block_padded(n))) input.x.resize(static_cast<std::size_t>(block_padded(n)));
   T* out = input.x.data();
   gather_stored_order(W, x, out);
-  std::fill(out + n, out + block_padded(n), T(0));
+  if (input.written > n) std::fill(out + n, out + input.written, T(0));
+  input.written = n;
 
   // S_g in double, rounded once: the fold's only extra rounding is then that of S_g
   // itself. Four partial sums: one chain of dependent additions would cost more than
   // a small matrix's whole product.
   input.group_sums.resize(static_cast<std::size_t>(W.groups_per_row()));
-  for (Index g = 0; g < W.groups_per_row(); ++g) {
+  for (Index g = 0; with_group_sums && g < W.groups_per_row(); ++g) {
     const Index begin = g * group, end = std::min(n, (g + 1) * group);
     double part[4] = {0, 0, 0, 0};
     Index j = begin;

@@ -139,6 +139,9 @@ struct GemvRowsArgs {
   Index units_per_group;              // ScaleMode::PerGroup: units between scale applications
   const std::uint8_t* storage_end;    // end of the packed codes (see kOverread)
   Index row_bytes;                    // stride of the packed rows (prefetch.hpp)
+  const std::uint8_t* packed;         // the matrix: row r's codes at packed + r row_bytes,
+  const float* scales;                // its scales and zeros at + r groups
+  const float* zeros;
 };
 
 }  // namespace lowbit::detail
