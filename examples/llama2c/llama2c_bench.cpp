@@ -60,12 +60,15 @@ const Transformer& model(const std::string& name) {
       {"rtn3_g32", [] { return rtn({.bits = 3, .group_size = 32}); }},
       {"rtn2_g32", [] { return rtn({.bits = 2, .group_size = 32}); }},
       {"rtn8_g64", [] { return rtn({.bits = 8, .group_size = 64}); }},
+      {"omniquant4_g32", [] { return omniquant({.bits = 4, .group_size = 32}); }},
+      {"qllm4_g32", [] { return qllm({.bits = 4, .group_size = 32}); }},
   };
   if (name == "float") return models.emplace(name, Transformer(s.weights)).first->second;
   return models.emplace(name, quantize_model(s.weights, methods.at(name)(), s.calibration).model).first->second;
 }
 
-const char* const kModels[] = {"float", "rtn8_g64", "rtn4_g32", "rtn4_g64", "gptq4_g32_act_order", "rtn3_g32", "rtn2_g32"};
+const char* const kModels[] = {"float",    "rtn8_g64", "rtn4_g32",       "rtn4_g64", "gptq4_g32_act_order",
+                               "rtn3_g32", "rtn2_g32", "omniquant4_g32", "qllm4_g32"};
 
 void decode(benchmark::State& state, const std::string& name) {
   const Transformer& m = model(name);
@@ -124,7 +127,7 @@ const bool kRegistered = [] {
     benchmark::RegisterBenchmark((std::string("Prefill/") + name).c_str(), prefill, std::string(name));
   }
   for (const char* p : {"wq", "wk", "w1", "w2"})
-    for (const char* name : {"float", "rtn4_g32", "rtn4_g64", "gptq4_g32_act_order"})
+    for (const char* name : {"float", "rtn4_g32", "rtn4_g64", "gptq4_g32_act_order", "omniquant4_g32", "qllm4_g32"})
       benchmark::RegisterBenchmark((std::string("Projection/") + p + "/" + name).c_str(), projection, std::string(name),
                                    std::string(p));
   benchmark::RegisterBenchmark("Square/float", square, false)->RangeMultiplier(4)->Range(64, 4096);

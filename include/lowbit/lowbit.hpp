@@ -25,6 +25,7 @@
 #include "lowbit/kernels/gemv.hpp"
 #include "lowbit/kernels/gemv_int8.hpp"
 #include "lowbit/kernels/matmul.hpp"
+#include "lowbit/kernels/layer_product.hpp"
 #include "lowbit/io/safetensors.hpp"
 #include "lowbit/io/checkpoint.hpp"
 #include "lowbit/io/lowbit_format.hpp"

@@ -92,6 +92,20 @@ TEST(ChannelMap, ApplyAndFoldsAreTheDenseMatrices) {
   EXPECT_LT((map.fold_into_previous_bias(b_prev).cast<double>() - b_want).norm() / b_want.norm(), 1e-6);
 }
 
+TEST(ChannelMap, OneTokenApplyIsTheRowOfTheBatchApply) {
+  const ChannelMap<float> map = mixed_map();
+  const Matrix<float> X = test::random_matrix<float>(4, 10, 8), batch = map.apply(X);
+  Vector<float> token(map.channels());
+  for (Index t = 0; t < X.rows(); ++t) {
+    const Vector<float> x = X.row(t).transpose();
+    map.apply(x.data(), token.data());
+    EXPECT_EQ(token.transpose(), batch.row(t)) << t;
+  }
+  const float x[1] = {1.0f};
+  float out[1];
+  EXPECT_THROW(ChannelMap<float>().apply(x, out), Error);  // the identity has no width
+}
+
 TEST(ChannelMap, SplitsLeaveTheFloatOutputUnchanged) {
   // Every channel split 1..5 ways: M N^T = I, so X' W'^T = X W^T to float rounding.
   const Index C = 48;

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <set>
 
@@ -149,6 +150,46 @@ TEST(QuantizedLayer, PackedBytesCountTheSideParameters) {
   layer.input_transform = {Vector<float>::Ones(64), Vector<float>::Zero(64)};
   layer.bias = Vector<float>::Zero(16);
   EXPECT_EQ(layer.packed_bytes(), base + (64 + 64 + 16) * sizeof(float));
+}
+
+// A layer with every part: channel map (a split and a copy), transform, activation
+// quantization, low-rank term and bias.
+QuantizedLayer<float> full_layer(bool quantize_activations) {
+  const Index source = 40, in = 41, out = 24;
+  QuantizedLayer<float> layer = plain_layer(test::random_matrix<float>(out, in, 30, 0.05), 4, 16);
+  layer.channel_map = ChannelMap<float>(source);
+  layer.channel_map.append_split(0, 2);
+  for (Index s = 1; s < source; ++s) layer.channel_map.append_copy(s);
+  layer.input_transform = {random_vector(in, 31, 0.5, 2.0), random_vector(in, 32, -0.2, 0.2)};
+  if (quantize_activations) layer.activation = QuantSpec{.bits = 6, .group_size = 16};
+  layer.lowrank_a = test::random_matrix<float>(out, 3, 33, 0.1);
+  layer.lowrank_b = test::random_matrix<float>(3, in, 34, 0.1);
+  layer.bias = random_vector(out, 35, -1, 1);
+  layer.validate();
+  return layer;
+}
+
+TEST(QuantizedLayer, OneTokenInputIsTheRowOfTheBatchInput) {
+  for (bool quantize_activations : {false, true}) {
+    const QuantizedLayer<float> layer = full_layer(quantize_activations);
+    const Matrix<float> X = test::random_matrix<float>(5, layer.source_features(), 36);
+    const Matrix<float> batch = layer.quantized_input(X);
+    Vector<float> token(3);  // reused storage of another size
+    for (Index t = 0; t < X.rows(); ++t) {
+      layer.quantized_input(X.row(t).transpose(), token);
+      ASSERT_EQ(token.size(), layer.in_features());
+      EXPECT_EQ(token.transpose(), batch.row(t)) << "token " << t << " activations " << quantize_activations;
+    }
+  }
+  const QuantizedLayer<float> layer = full_layer(false);
+  Vector<float> out;
+  EXPECT_THROW(layer.quantized_input(Vector<float>::Ones(layer.source_features() + 1), out), Error);
+  Vector<float> nan_x = Vector<float>::Ones(layer.source_features());
+  nan_x(7) = std::nanf("");
+  EXPECT_THROW(layer.quantized_input(nan_x, out), Error);
+  QuantizedLayer<float> bad = layer;
+  bad.bias = Vector<float>::Ones(3);  // shapes are checked per token, values by validate()
+  EXPECT_THROW(bad.quantized_input(Vector<float>::Ones(layer.source_features()), out), Error);
 }
 
 TEST(QuantizedLayer, RejectsBadLayersAndInputs) {

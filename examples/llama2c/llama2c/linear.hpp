@@ -7,6 +7,7 @@
 #include <lowbit/core/quantized_layer.hpp>
 #include <lowbit/core/quantized_matrix.hpp>
 #include <lowbit/kernels/gemv.hpp>
+#include <lowbit/kernels/layer_product.hpp>
 #include <lowbit/kernels/matmul.hpp>
 
 #include <cstddef>
@@ -55,10 +56,7 @@ class Linear {
     } else if (const auto* p = std::get_if<Packed>(&weights_)) {
       lowbit::gemv(*p, x, y);
     } else {
-      const MatrixF X = x.transpose();
-      MatrixF Y(1, out_features());
-      apply_rows(X, Y);
-      y = Y.transpose();
+      lowbit::gemv(std::get<Layer>(weights_), x, y);
     }
   }
 
@@ -69,13 +67,7 @@ class Linear {
     } else if (const auto* p = std::get_if<Packed>(&weights_)) {
       lowbit::matmul(*p, X, Y);
     } else {
-      // The method's input transform (and activation quantization, if any), then the
-      // packed weights, then its low-rank and bias terms.
-      const Layer& layer = std::get<Layer>(weights_);
-      const MatrixF input = layer.quantized_input(X);
-      lowbit::matmul(layer.weights, input, Y);
-      if (layer.rank() > 0) Y.noalias() += (input * layer.lowrank_b.transpose()) * layer.lowrank_a.transpose();
-      if (layer.bias.size() != 0) Y.rowwise() += layer.bias.transpose();
+      lowbit::matmul(std::get<Layer>(weights_), X, Y);  // input transform, packed weights, side terms
     }
   }
 

@@ -123,6 +123,14 @@ class ChannelMap {
     return out;
   }
 
+  // x' = x M for one token: x [C] -> out [C'] (out may not alias x); the same sums, in
+  // the same order, as apply() gives that token. The identity (empty()) has no width:
+  // callers copy x themselves.
+  void apply(const T* x, T* out) const {
+    detail::require(!empty(), "ChannelMap.apply(x, out) on an empty (identity) map: x is already the output");
+    gather_row(x, out);
+  }
+
   // This layer's W' = W N: [out, C] -> [out, C'], column k = sum of its sources' columns.
   [[nodiscard]] Matrix<T> fold_weight(const Eigen::Ref<const Matrix<T>>& W) const {
     require_source_width(W.cols(), "W");

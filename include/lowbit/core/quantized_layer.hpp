@@ -35,11 +35,16 @@ struct InputTransform {
 
   [[nodiscard]] bool empty() const { return scale.size() == 0 && shift.size() == 0; }
 
-  void validate(Index in_features) const {
+  void check_shapes(Index in_features) const {
     detail::require(scale.size() == 0 || scale.size() == in_features, "InputTransform.scale size ", scale.size(),
                     " != in_features ", in_features);
     detail::require(shift.size() == 0 || shift.size() == in_features, "InputTransform.shift size ", shift.size(),
                     " != in_features ", in_features);
+  }
+
+  // Shapes, then values: finite, and no zero scale.
+  void validate(Index in_features) const {
+    check_shapes(in_features);
     detail::require_finite(scale, "InputTransform.scale");
     detail::require_finite(shift, "InputTransform.shift");
     for (Index j = 0; j < scale.size(); ++j)
@@ -94,10 +99,16 @@ struct QuantizedLayer {
   [[nodiscard]] Index in_features() const { return weights.cols(); }
   [[nodiscard]] Index rank() const { return lowrank_a.cols(); }
 
-  void validate() const {
+  // Columns of the input X the layer reads (before its channel map).
+  [[nodiscard]] Index source_features() const {
+    return channel_map.empty() ? in_features() : channel_map.source_channels();
+  }
+
+  // That the parts fit together: O(1), cheap enough for every decode step.
+  void check_shapes() const {
     detail::require(channel_map.empty() || channel_map.channels() == in_features(), "QuantizedLayer.channel_map "
                     "makes ", channel_map.channels(), " channels, the weights have in_features ", in_features());
-    input_transform.validate(in_features());
+    input_transform.check_shapes(in_features());
     if (activation) {
       activation->validate();
       detail::require(!activation->symmetric, "QuantizedLayer.activation.symmetric = true: activation "
@@ -105,22 +116,28 @@ struct QuantizedLayer {
     }
     detail::require(bias.size() == 0 || bias.size() == out_features(), "QuantizedLayer.bias size ", bias.size(),
                     " != out_features ", out_features());
-    detail::require_finite(bias, "QuantizedLayer.bias");
     detail::require(lowrank_a.cols() == lowrank_b.rows(), "QuantizedLayer low-rank inner sizes ", lowrank_a.cols(),
                     " != ", lowrank_b.rows());
     if (lowrank_a.size() != 0 || lowrank_b.size() != 0) {
       detail::require(lowrank_a.rows() == out_features() && lowrank_b.cols() == in_features(),
                       "QuantizedLayer low-rank shapes ", lowrank_a.rows(), "x", lowrank_a.cols(), " and ",
                       lowrank_b.rows(), "x", lowrank_b.cols(), " do not fit ", out_features(), "x", in_features());
-      detail::require_finite(lowrank_a, "QuantizedLayer.lowrank_a");
-      detail::require_finite(lowrank_b, "QuantizedLayer.lowrank_b");
     }
+  }
+
+  // Shapes, then the parameters' values (finite, no zero transform scale): O(parameters).
+  void validate() const {
+    check_shapes();
+    input_transform.validate(in_features());
+    detail::require_finite(bias, "QuantizedLayer.bias");
+    detail::require_finite(lowrank_a, "QuantizedLayer.lowrank_a");
+    detail::require_finite(lowrank_b, "QuantizedLayer.lowrank_b");
   }
 
   // The layer's input after the transform and activation quantization: X_q [tokens, in].
   [[nodiscard]] Matrix<T> quantized_input(const Eigen::Ref<const Matrix<T>>& X) const {
     validate();
-    const Index columns = channel_map.empty() ? in_features() : channel_map.source_channels();
+    const Index columns = source_features();
     detail::require(X.cols() == columns, "QuantizedLayer.forward: X has ", X.cols(), " columns, the layer reads ",
                     columns);
     detail::require_finite(X, "X");
@@ -132,6 +149,28 @@ struct QuantizedLayer {
       input.swap(quantized);
     }
     return input;
+  }
+
+  // quantized_input() of one token, x [source_features()], into `out` [in], whose storage
+  // is reused (a decode step allocates nothing once warm): the same arithmetic as that
+  // token's row of quantized_input(). Checks shapes and x, not the parameters' values
+  // (validate() does; quantizers return validated layers).
+  void quantized_input(const Eigen::Ref<const Vector<T>>& x, Vector<T>& out) const {
+    check_shapes();
+    detail::require(x.size() == source_features(), "QuantizedLayer: x has ", x.size(), " entries, the layer reads ",
+                    source_features());
+    detail::require_finite(x, "x");
+    out.resize(in_features());
+    if (channel_map.empty()) out = x;
+    else channel_map.apply(x.data(), out.data());
+    if (input_transform.shift.size() != 0) out -= input_transform.shift;
+    if (input_transform.scale.size() != 0) out.array() /= input_transform.scale.array();
+    if (activation) {
+      const Matrix<T> row = out.transpose();
+      Matrix<T> quantized(1, row.cols());
+      GroupFakeQuantizer<T>(activation->bits, activation->group_size).forward(row, quantized);
+      out = quantized.transpose();
+    }
   }
 
   // Y [tokens, out] for X [tokens, in]; bit-identical for any thread count.

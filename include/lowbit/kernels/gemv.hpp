@@ -12,8 +12,9 @@
 //
 // Per-call overhead matters for small matrices (a decode step of a small model is
 // dozens of 64 x 64 products): x is prepared into thread_local buffers, the scale plans
-// of a matrix shape are kept per thread for the last few shapes, and matrices below
-// kParallelWork multiply-adds never open an OpenMP region.
+// of a matrix shape are kept per thread for the last few shapes, matrices below
+// kParallelWork multiply-adds never open an OpenMP region, and on AVX-512 rows shorter
+// than one 256-code block are walked by one kernel call per task (short_rows_range).
 #pragma once
 
 #include <algorithm>
@@ -155,7 +156,7 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
       constexpr int Bits = decltype(bits_constant)::value;
 #if defined(LOWBIT_HAVE_AVX512)
       if (short_rows) {
-        constexpr Index kShortRowsPerTask = 16 * kKernelRows;
+        constexpr Index kShortRowsPerTask = 64;  // a multiple of every short_rows_range step
         const Index short_tasks = (rows + kShortRowsPerTask - 1) / kShortRowsPerTask;
         parallel_for(short_tasks, [&](Index task) {
           const Index first = task * kShortRowsPerTask;

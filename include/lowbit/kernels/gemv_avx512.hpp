@@ -382,17 +382,24 @@ LOWBIT_TARGET_AVX512 inline void short_block_fma(const GemvRowsArgs& args, const
   else short_block_rows<Bits, Rows, false>(args, rows, scales, total);
 }
 
+// y[r] = the sum of the lanes of total[r], for Rows rows: four at a time where they
+// come in fours (each row's additions are the same either way within one Rows).
+template <int Rows>
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void reduce_rows(const __m512* total, float* y) {
+  if constexpr (Rows % 4 == 0) {
+    for (int r = 0; r < Rows; r += 4) reduce_add_4(total + r, y + r);
+  } else {
+    for (int r = 0; r < Rows; ++r) y[r] = _mm512_reduce_add_ps(total[r]);
+  }
+}
+
 // y[r] = sum over lanes of total[r] minus the zero correction, for Rows rows.
 template <int Rows>
 [[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void finish_rows(const GemvRowsArgs& args, const float* const* scales,
                                                                     const float* const* zeros, __m512* total, float* y) {
   for (int r = 0; r < Rows; ++r)
     total[r] = subtract_zero_correction(total[r], scales[r], zeros[r], args.group_sums, args.groups);
-  if constexpr (Rows % 4 == 0) {
-    for (int r = 0; r < Rows; r += 4) reduce_add_4(total + r, y + r);
-  } else {
-    for (int r = 0; r < Rows; ++r) y[r] = _mm512_reduce_add_ps(total[r]);
-  }
+  reduce_rows<Rows>(total, y);
 }
 
 // True when rows that are nothing but a short block (every row of a small model) take
@@ -413,26 +420,25 @@ template <int Bits, int Rows>
   if constexpr (Bits == 1 || Bits == 2 || Bits == 4) {
     if (short_rows_fold_zeros(*args.short_block, Bits)) {
       short_block_table_rows<Bits, Rows, true>(args, rows, scales, zeros, total);
-      if constexpr (Rows % 4 == 0) for (int r = 0; r < Rows; r += 4) reduce_add_4(total + r, y + r);
-      else for (int r = 0; r < Rows; ++r) y[r] = _mm512_reduce_add_ps(total[r]);
-      return;
+      return reduce_rows<Rows>(total, y);
     }
   }
   short_block_fma<Bits, Rows>(args, rows, scales, zeros, total);
   finish_rows<Rows>(args, scales, zeros, total, y);
 }
 
-// Rows [first, first + count) of a matrix whose rows are nothing but a short block:
-// one call walks them four at a time (quads at multiples of 4, so each row's
-// arithmetic does not depend on how rows are split among threads), with the row
-// pointers advanced here rather than gathered per quad by the caller.
+// Rows [first, first + count) of a matrix whose rows are nothing but a short block,
+// in one call (per-call overhead is most of a small GEMV): kStep rows at a time (8 for
+// 4-bit codes, whose two tables per row leave registers for eight rows; 4 otherwise),
+// then a 4-row step, then single rows. `first` is a multiple of kStep, so each row's
+// arithmetic does not depend on how rows are split among threads.
 template <int Bits>
 LOWBIT_TARGET_AVX512 void short_rows_range(const GemvRowsArgs& args, Index first, Index count, float* y) {
-  constexpr int kQuad = Bits == 4 ? 8 : 4;
-  const std::uint8_t* rows[kQuad];
-  const float *scales[kQuad], *zeros[kQuad];
-  const auto point_at = [&](Index r) {  // rows r.. of the range, as many as remain (<= 4)
-    for (Index k = 0; k < std::min<Index>(kQuad, count - r); ++k) {
+  constexpr int kStep = Bits == 4 ? 8 : 4;
+  const std::uint8_t* rows[kStep];
+  const float *scales[kStep], *zeros[kStep];
+  const auto point_at = [&](Index r) {  // rows r.. of the range, as many as remain (<= kStep)
+    for (Index k = 0; k < std::min<Index>(kStep, count - r); ++k) {
       const Index row = first + r + k;
       rows[k] = args.packed + row * args.row_bytes;
       scales[k] = args.scales + row * args.groups;
@@ -440,11 +446,11 @@ LOWBIT_TARGET_AVX512 void short_rows_range(const GemvRowsArgs& args, Index first
     }
   };
   Index r = 0;
-  for (; r + kQuad <= count; r += kQuad) {
+  for (; r + kStep <= count; r += kStep) {
     point_at(r);
-    short_rows<Bits, kQuad>(args, rows, scales, zeros, y + r);
+    short_rows<Bits, kStep>(args, rows, scales, zeros, y + r);
   }
-  if constexpr (kQuad == 8) {
+  if constexpr (kStep == 8) {
     if (r + 4 <= count) {
       point_at(r);
       short_rows<Bits, 4>(args, rows, scales, zeros, y + r);

@@ -317,11 +317,8 @@ void matmul(const QuantizedMatrix<T>& W, const Eigen::Ref<const Matrix<std::type
     Y.setZero();
     return;
   }
-  if (X.rows() == 1) {
-    const Vector<T> x = X.row(0).transpose();
-    Vector<T> y(W.rows());
-    detail::gemv(W, x.data(), y.data(), active_isa());
-    Y.row(0) = y.transpose();
+  if (X.rows() == 1) {  // rows are contiguous (inner stride 1), and gemv reads x before writing y
+    detail::gemv(W, X.data(), Y.data(), active_isa());
     return;
   }
   detail::matmul_tiles<T>(W, X, Y, active_isa());
