@@ -84,7 +84,8 @@ void prepare_gemv_input(const QuantizedMatrix<T>& W, const Vec& x, int lanes, Ge
   // Padding past n must read as zero. New entries are zero, so only what an earlier,
   // longer x wrote is cleared (a small model alternates a few lengths: clearing the
   // whole padded block per call would cost as much as its product).
-  if (input.x.size() < static_cast<std::size_t>(block_padded(n))) input.x.resize(static_cast<std::size_t>(block_padded(n)));
+  const auto padded = static_cast<std::size_t>(block_padded(n));
+  if (input.x.size() < padded) input.x.resize(padded);
   T* out = input.x.data();
   gather_stored_order(W, x, out);
   if (input.written > n) std::fill(out + n, out + input.written, T(0));
