@@ -213,7 +213,8 @@ TEST(GemvShortBlock, EveryIsaMatchesTheDequantizedReferenceOnShortRows) {
 
 // Matrices big enough to be split among threads, with short last blocks: the same bits.
 TEST(GemvShortBlock, BitIdenticalForOneAndTwoThreads) {
-  test::expect_thread_invariant({Case{400, 172, 4, 32}, Case{600, 300, 3, 64, GroupAxis::Input, true},
+  test::expect_thread_invariant({Case{400, 172, 4, 32}, Case{301, 64, 4, 32}, Case{301, 64, 2, 32},
+                                 Case{600, 300, 3, 64, GroupAxis::Input, true},
                                  Case{1100, 64, 2, 7}, Case{172, 400, 4, 32, GroupAxis::Output},
                                  Case{200, 333, 5, 12, GroupAxis::Output}},
                                 [](const auto& q, const auto& x, auto& y) { gemv(q, x, y); });

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
+#include <string>
 
 #include "kernel_test_util.hpp"
 #include "lowbit/quantizers/rtn.hpp"
@@ -72,6 +74,60 @@ TEST(LayerProduct, OutputMayAliasTheInput) {
   EXPECT_EQ(x, y);
 }
 
+TEST(LayerProduct, APlainLayerIsItsPackedWeights) {
+  QuantizedLayer<float> layer;  // no channel map, transform, side terms
+  layer.weights = RTN<float>(QuantSpec{.bits = 3, .group_size = 64}).quantize(test::random_matrix<float>(70, 130, 12));
+  const Vector<float> x = test::random_matrix<float>(130, 1, 13);
+  Vector<float> via_layer(70), via_weights(70);
+  gemv(layer, x, via_layer);
+  gemv(layer.weights, x, via_weights);
+  EXPECT_EQ(via_layer, via_weights);
+}
+
+TEST(LayerProduct, MatmulIsBitIdenticalForAnyThreadCount) {
+  QuantizedLayer<float> layer = full_layer(300, 96, false, 14);
+  layer.lowrank_a = test::random_matrix<float>(96, 64, 15) * 0.1f;  // a side term worth threading
+  layer.lowrank_b = test::random_matrix<float>(64, 301, 16) * 0.1f;
+  const Matrix<float> X = test::random_matrix<float>(256, 300, 17);
+  Matrix<float> one(256, 96), two(256, 96);
+  {
+    test::ThreadScope threads(1);
+    matmul(layer, X, one);
+  }
+  {
+    test::ThreadScope threads(2);
+    matmul(layer, X, two);
+  }
+  EXPECT_EQ(one, two);
+}
+
+// Parameter values are not checked per token up front, but a bad one never passes
+// silently: it is named once the output comes out non-finite.
+TEST(LayerProduct, BadParameterValuesAreNamedForOneTokenToo) {
+  const QuantizedLayer<float> good = full_layer(40, 8, false, 18);
+  const Vector<float> x = Vector<float>::Ones(40);
+  Vector<float> y(8);
+  Matrix<float> Y(1, 8);
+  const auto expect_named = [&](const QuantizedLayer<float>& layer, const std::string& name) {
+    try {
+      gemv(layer, x, y);
+      ADD_FAILURE() << "no error for " << name;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(matmul(layer, x.transpose(), Y), Error) << name;
+  };
+  QuantizedLayer<float> bad = good;
+  bad.bias(5) = std::nanf("");
+  expect_named(bad, "QuantizedLayer.bias");
+  bad = good;
+  bad.input_transform.scale(2) = 0.0f;
+  expect_named(bad, "InputTransform.scale");
+  bad = good;
+  bad.lowrank_a(1, 1) = std::numeric_limits<float>::infinity();
+  expect_named(bad, "QuantizedLayer.lowrank_a");
+}
+
 TEST(LayerProduct, RejectsBadShapesAndInputs) {
   const QuantizedLayer<float> layer = full_layer(40, 8, false, 11);
   Vector<float> y(8), short_y(7);
@@ -85,6 +141,9 @@ TEST(LayerProduct, RejectsBadShapesAndInputs) {
   EXPECT_THROW(matmul(layer, Matrix<float>::Ones(2, 40), bad_Y), Error);
   QuantizedLayer<float> bad = layer;
   bad.lowrank_b = Matrix<float>::Ones(4, 3);
+  EXPECT_THROW(gemv(bad, Vector<float>::Ones(40), y), Error);
+  bad.lowrank_a = Matrix<float>(0, 2);  // rank 2 with no entries
+  bad.lowrank_b = Matrix<float>(2, 0);
   EXPECT_THROW(gemv(bad, Vector<float>::Ones(40), y), Error);
 }
 

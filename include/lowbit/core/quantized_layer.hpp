@@ -10,6 +10,7 @@
 //   Y  = X_q W_hat^T + (X_q B^T) A^T + bias       W_hat = weights.dequantize()
 #pragma once
 
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -118,7 +119,7 @@ struct QuantizedLayer {
                     " != out_features ", out_features());
     detail::require(lowrank_a.cols() == lowrank_b.rows(), "QuantizedLayer low-rank inner sizes ", lowrank_a.cols(),
                     " != ", lowrank_b.rows());
-    if (lowrank_a.size() != 0 || lowrank_b.size() != 0) {
+    if (rank() != 0 || lowrank_a.size() != 0 || lowrank_b.size() != 0) {
       detail::require(lowrank_a.rows() == out_features() && lowrank_b.cols() == in_features(),
                       "QuantizedLayer low-rank shapes ", lowrank_a.rows(), "x", lowrank_a.cols(), " and ",
                       lowrank_b.rows(), "x", lowrank_b.cols(), " do not fit ", out_features(), "x", in_features());
@@ -151,10 +152,11 @@ struct QuantizedLayer {
     return input;
   }
 
-  // quantized_input() of one token, x [source_features()], into `out` [in], whose storage
-  // is reused (a decode step allocates nothing once warm): the same arithmetic as that
-  // token's row of quantized_input(). Checks shapes and x, not the parameters' values
-  // (validate() does; quantizers return validated layers).
+  // quantized_input() of one token, x [source_features()], into `out` [in] (not x's
+  // storage), whose storage is reused (no allocation once warm, unless activations are
+  // quantized): the same arithmetic as that token's row of quantized_input(). Checks
+  // shapes and x; the transform's values only if the result is not finite (a zero or
+  // non-finite scale or shift is then an Error naming it).
   void quantized_input(const Eigen::Ref<const Vector<T>>& x, Vector<T>& out) const {
     check_shapes();
     detail::require(x.size() == source_features(), "QuantizedLayer: x has ", x.size(), " entries, the layer reads ",
@@ -165,6 +167,10 @@ struct QuantizedLayer {
     else channel_map.apply(x.data(), out.data());
     if (input_transform.shift.size() != 0) out -= input_transform.shift;
     if (input_transform.scale.size() != 0) out.array() /= input_transform.scale.array();
+    if (!std::isfinite(static_cast<double>(out.sum()))) {
+      input_transform.validate(in_features());
+      detail::require_finite(out, "QuantizedLayer: transformed x");
+    }
     if (activation) {
       const Matrix<T> row = out.transpose();
       Matrix<T> quantized(1, row.cols());

@@ -70,7 +70,7 @@ struct GemvInput {
   std::vector<T> x;           // stored order, block-padded with zeros, in kernel order
   std::vector<T> group_sums;  // S_g of the stored-order x, one per group of a stored row
   int lanes = 0;
-  Index written = 0;  // x[written..] is zero: the buffer never shrinks
+  Index written = 0;  // x[written..] is zero (the buffer never shrinks)
 };
 
 // Prepares x for a non-transposed matrix (stored rows = output rows) into `input`,
@@ -89,7 +89,7 @@ void prepare_gemv_input(const QuantizedMatrix<T>& W, const Vec& x, int lanes, Ge
   T* out = input.x.data();
   gather_stored_order(W, x, out);
   if (input.written > n) std::fill(out + n, out + input.written, T(0));
-  input.written = n;
+  input.written = n;  // the lane reorder below may raise it
 
   // S_g in double, rounded once: the fold's only extra rounding is then that of S_g
   // itself. Four partial sums: one chain of dependent additions would cost more than
@@ -112,6 +112,7 @@ void prepare_gemv_input(const QuantizedMatrix<T>& W, const Vec& x, int lanes, Ge
     std::copy(out + start, out + start + unit, natural);
     for (Index k = 0; k < lanes; ++k)
       for (Index b = 0; b < 4; ++b) out[start + b * lanes + k] = natural[4 * k + b];
+    input.written = std::max(input.written, start + unit);  // a unit past n moves x into its padding
   }
 }
 

@@ -3,12 +3,16 @@
 // instead of a dequantized copy:
 //   X_q = Q_a((X M - shift) / scale),   Y = X_q W_hat^T + (X_q B^T) A^T + bias
 // (core/quantized_layer.hpp). The one-token gemv reuses per-thread buffers, so a decode
-// step allocates nothing once warm, and checks shapes and x but not the parameters'
-// values (QuantizedLayer::validate() does; quantizers return validated layers).
+// step allocates nothing once warm (unless the layer quantizes activations), and checks
+// shapes and x up front; the parameters' values (QuantizedLayer::validate(), O(their
+// count)) are looked at only when the output comes out non-finite, so a bad parameter
+// is still an Error naming it, never a silent NaN.
 #pragma once
 
+#include <cmath>
 #include <type_traits>
 
+#include "lowbit/core/dense_product.hpp"
 #include "lowbit/core/error.hpp"
 #include "lowbit/core/quantized_layer.hpp"
 #include "lowbit/core/types.hpp"
@@ -31,6 +35,10 @@ void gemv(const QuantizedLayer<T>& layer, const Eigen::Ref<const Vector<std::typ
     y.noalias() += layer.lowrank_a * projected;
   }
   if (layer.bias.size() != 0) y += layer.bias;
+  if (!std::isfinite(static_cast<double>(y.sum()))) {
+    layer.validate();  // names a non-finite parameter
+    detail::require_finite(y, "gemv: the layer's output y");
+  }
 }
 
 // Y = layer(X): X [tokens, layer.source_features()], Y [tokens, layer.out_features()];
@@ -46,7 +54,10 @@ void matmul(const QuantizedLayer<T>& layer, const Eigen::Ref<const Matrix<std::t
   }
   const Matrix<T> input = layer.quantized_input(X);
   matmul(layer.weights, input, Y);
-  if (layer.rank() > 0) Y.noalias() += (input * layer.lowrank_b.transpose()) * layer.lowrank_a.transpose();
+  if (layer.rank() > 0) {  // dense_product: bit-identical for any thread count, as forward()
+    const Matrix<T> projected = detail::dense_product<T>(input, layer.lowrank_b.transpose());
+    Y += detail::dense_product<T>(projected, layer.lowrank_a.transpose());
+  }
   if (layer.bias.size() != 0) Y.rowwise() += layer.bias.transpose();
 }
 
