@@ -184,12 +184,18 @@ struct QuantizedLayer {
     const Matrix<T> input = quantized_input(X);
     const Matrix<T> W_hat = weights.dequantize();
     Matrix<T> Y = detail::dense_product<T>(input, W_hat.transpose());
+    add_side_terms(input, Y);
+    return Y;
+  }
+
+  // Y += (X_q B^T) A^T + bias for X_q = quantized_input(X): what follows the weights'
+  // product, bit-identical for any thread count (dense_product).
+  void add_side_terms(const Matrix<T>& input, Eigen::Ref<Matrix<T>> Y) const {
     if (rank() > 0) {
       const Matrix<T> projected = detail::dense_product<T>(input, lowrank_b.transpose());
       Y += detail::dense_product<T>(projected, lowrank_a.transpose());
     }
     if (bias.size() != 0) Y.rowwise() += bias.transpose();
-    return Y;
   }
 
   template <RowMajorTensor2 Tensor>

@@ -120,7 +120,7 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
   bool short_rows = false, fold_zeros = false;
 #if defined(LOWBIT_HAVE_AVX512)
   short_rows = lanes == avx512::kLanes && full_block_layout_codes(n) == 0;
-  fold_zeros = short_rows && avx512::short_rows_fold_zeros(plan->short_block, W.spec().bits);
+  fold_zeros = short_rows && avx512::short_block_takes_table(plan->short_block, W.spec().bits);
 #endif
   prepare_gemv_input(W, x, lanes, input, !fold_zeros);
   if (lanes == 0) {

@@ -369,13 +369,20 @@ LOWBIT_TARGET_AVX512 inline void short_block_table_rows(const GemvRowsArgs& args
   for (int r = 0; r < Rows; ++r) total[r] = chains == 2 ? _mm512_add_ps(sum[0][r], sum[chains - 1][r]) : sum[0][r];
 }
 
+// True when a short block of a `bits`-wide matrix takes the table path
+// (short_block_table_rows). Rows that are nothing but such a block then fold the zeros
+// into the tables, and the GEMV needs no group sums of x.
+[[nodiscard]] inline bool short_block_takes_table(const ShortBlockPlan& plan, int bits) {
+  return (bits == 1 || bits == 2 || bits == 4) && short_block_runs_in_one_group(plan, bits, kLanes);
+}
+
 // Scales of a straddling vector: permuted from one vector of the block's scales when
 // they fit, else gathered.
 template <int Bits, int Rows>
 LOWBIT_TARGET_AVX512 inline void short_block_fma(const GemvRowsArgs& args, const std::uint8_t* const* rows,
                                                  const float* const* scales, const float* const* zeros, __m512* total) {
   if constexpr (Bits == 1 || Bits == 2 || Bits == 4) {
-    if (short_block_runs_in_one_group(*args.short_block, Bits, kLanes))
+    if (short_block_takes_table(*args.short_block, Bits))
       return short_block_table_rows<Bits, Rows, false>(args, rows, scales, zeros, total);
   }
   if (args.short_block->group_count > kLanes) short_block_rows<Bits, Rows, true>(args, rows, scales, total);
@@ -402,13 +409,6 @@ template <int Rows>
   reduce_rows<Rows>(total, y);
 }
 
-// True when rows that are nothing but a short block (every row of a small model) take
-// the table path with the zeros folded into the tables (short_block_table_rows), so
-// the GEMV needs no group sums of x.
-[[nodiscard]] inline bool short_rows_fold_zeros(const ShortBlockPlan& plan, int bits) {
-  return (bits == 1 || bits == 2 || bits == 4) && short_block_runs_in_one_group(plan, bits, kLanes);
-}
-
 // y[r] for Rows rows that are nothing but a short block.
 template <int Bits, int Rows>
 [[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void short_rows(const GemvRowsArgs& args,
@@ -418,7 +418,7 @@ template <int Bits, int Rows>
   __m512 total[Rows];
   for (int r = 0; r < Rows; ++r) total[r] = _mm512_setzero_ps();
   if constexpr (Bits == 1 || Bits == 2 || Bits == 4) {
-    if (short_rows_fold_zeros(*args.short_block, Bits)) {
+    if (short_block_takes_table(*args.short_block, Bits)) {
       short_block_table_rows<Bits, Rows, true>(args, rows, scales, zeros, total);
       return reduce_rows<Rows>(total, y);
     }

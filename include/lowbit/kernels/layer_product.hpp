@@ -12,7 +12,6 @@
 #include <cmath>
 #include <type_traits>
 
-#include "lowbit/core/dense_product.hpp"
 #include "lowbit/core/error.hpp"
 #include "lowbit/core/quantized_layer.hpp"
 #include "lowbit/core/types.hpp"
@@ -54,11 +53,7 @@ void matmul(const QuantizedLayer<T>& layer, const Eigen::Ref<const Matrix<std::t
   }
   const Matrix<T> input = layer.quantized_input(X);
   matmul(layer.weights, input, Y);
-  if (layer.rank() > 0) {  // dense_product: bit-identical for any thread count, as forward()
-    const Matrix<T> projected = detail::dense_product<T>(input, layer.lowrank_b.transpose());
-    Y += detail::dense_product<T>(projected, layer.lowrank_a.transpose());
-  }
-  if (layer.bias.size() != 0) Y.rowwise() += layer.bias.transpose();
+  layer.add_side_terms(input, Y);
 }
 
 }  // namespace lowbit
