@@ -59,6 +59,32 @@ TEST(Gemv, BitIdenticalForOneAndTwoThreads) {
                                 [](const auto& q, const auto& x, auto& y) { gemv(q, x, y); });
 }
 
+// Row tasks: every row exactly once, four rows a quarter of the matrix apart per
+// kernel call, then the remainder one by one.
+TEST(Gemv, RowTasksTakeEveryRowOnce) {
+  for (Index rows : {1, 2, 3, 4, 5, 7, 8, 13, 4099}) {
+    const QuantizedMatrix<float> W(rows, 300, QuantSpec{});
+    const auto row_of = [&](const std::uint8_t* packed) { return static_cast<float>((packed - W.packed_row(0)) / W.row_bytes()); };
+    std::vector<float> y(static_cast<std::size_t>(rows), -1.0f);
+    Index quads = 0;
+    for (Index task = 0; task < detail::row_tasks(rows); ++task)
+      detail::row_task(
+          W, task, y.data(),
+          [&](const std::uint8_t* const* packed, const float* const*, const float* const*, float* out) {
+            for (Index r = 0; r < detail::kKernelRows; ++r) {
+              out[r] = y[static_cast<std::size_t>(row_of(packed[r]))] + 1 + row_of(packed[r]);  // -1 + 1 + row if unvisited
+              EXPECT_EQ(row_of(packed[r]) - row_of(packed[0]), static_cast<float>(r * (rows / detail::kKernelRows)));
+            }
+            ++quads;
+          },
+          [&](const std::uint8_t* const* packed, const float* const*, const float* const*, float* out) {
+            *out = y[static_cast<std::size_t>(row_of(packed[0]))] + 1 + row_of(packed[0]);
+          });
+    for (Index r = 0; r < rows; ++r) EXPECT_EQ(y[static_cast<std::size_t>(r)], static_cast<float>(r)) << rows << " rows";
+    EXPECT_EQ(quads, rows / detail::kKernelRows);
+  }
+}
+
 // The SIMD variants really run for the sizes they claim (and hand the rest to scalar).
 TEST(Gemv, DispatchTakesTheSimdKernelWhereItApplies) {
 #if defined(LOWBIT_HAVE_AVX512)

@@ -90,20 +90,35 @@ struct GemvShapePlan {
 // Rows per SIMD kernel call: they share the loads of x.
 inline constexpr Index kKernelRows = 4;
 
-// Rows [first, first + count) of W: `block` takes kKernelRows rows at once, `single`
-// one; both take (packed rows, scale rows, zero rows, y).
+// Tasks of a row-wise GEMV: task t < Q = rows / kKernelRows takes the rows t, t + Q,
+// t + 2Q, t + 3Q in one kernel call; the rows from kKernelRows * Q on follow one per
+// task. A thread runs consecutive tasks (a static schedule), so it reads four long
+// sequential streams through the packed codes, as the hardware prefetcher wants;
+// four consecutive rows would be four streams that jump every row group (on Zen 4 that
+// pattern alone capped a cold read at 20 GB/s, the quarters read at 27-29 GB/s). Each
+// row's arithmetic is the same in either kind of task.
+[[nodiscard]] inline Index row_tasks(Index rows) { return rows / kKernelRows + rows % kKernelRows; }
+
+// Runs task `task` of W's rows (row_tasks): `block` takes kKernelRows rows at once,
+// `single` one; both take (packed rows, scale rows, zero rows, y of those rows).
 template <class Block, class Single>
-void row_blocks(const QuantizedMatrix<float>& W, Index first, Index count, float* y, Block&& block, Single&& single) {
-  const Index groups = W.groups_per_row();
+void row_task(const QuantizedMatrix<float>& W, Index task, float* y, Block&& block, Single&& single) {
+  const Index groups = W.groups_per_row(), quarter = W.rows() / kKernelRows;
+  const bool quad = task < quarter;
+  const int count = quad ? static_cast<int>(kKernelRows) : 1;
+  Index index[kKernelRows];
   const std::uint8_t* rows[kKernelRows];
   const float *scales[kKernelRows], *zeros[kKernelRows];
-  for (Index r = 0; r < count; ++r) {
-    rows[r] = W.packed_row(first + r);
-    scales[r] = W.scales().data() + (first + r) * groups;
-    zeros[r] = W.zeros().data() + (first + r) * groups;
+  for (int r = 0; r < count; ++r) {
+    index[r] = quad ? task + r * quarter : kKernelRows * quarter + (task - quarter);
+    rows[r] = W.packed_row(index[r]);
+    scales[r] = W.scales().data() + index[r] * groups;
+    zeros[r] = W.zeros().data() + index[r] * groups;
   }
-  if (count == kKernelRows) return block(rows, scales, zeros, y);
-  for (Index r = 0; r < count; ++r) single(rows + r, scales + r, zeros + r, y + r);
+  if (!quad) return single(rows, scales, zeros, y + index[0]);
+  float out[kKernelRows];
+  block(rows, scales, zeros, out);
+  for (int r = 0; r < count; ++r) y[index[r]] = out[r];
 }
 
 // Input-axis groups. x is the logical input (cols() entries), y the output (rows()).
@@ -151,7 +166,7 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
                             W.packed_codes().data(),
                             W.scales().data(),
                             W.zeros().data()};
-    const Index tasks = (rows + kKernelRows - 1) / kKernelRows;
+    const Index tasks = row_tasks(rows);
     with_bits(W.spec().bits, [&](auto bits_constant) {
       constexpr int Bits = decltype(bits_constant)::value;
 #if defined(LOWBIT_HAVE_AVX512)
@@ -168,18 +183,17 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
       const auto run = [&](auto mode_constant) {
         constexpr ScaleMode Mode = decltype(mode_constant)::value;
         parallel_for(tasks, [&](Index task) {
-          const Index first = task * kKernelRows, count = std::min(kKernelRows, rows - first);
 #if defined(LOWBIT_HAVE_AVX512)
           if (lanes == avx512::kLanes) {
-            return row_blocks(W, first, count, y + first,
-                              [&](auto... a) { avx512::gemv_rows<Bits, kKernelRows, Mode>(args, a...); },
-                              [&](auto... a) { avx512::gemv_rows<Bits, 1, Mode>(args, a...); });
+            return row_task(W, task, y,
+                            [&](auto... a) { avx512::gemv_rows<Bits, kKernelRows, Mode>(args, a...); },
+                            [&](auto... a) { avx512::gemv_rows<Bits, 1, Mode>(args, a...); });
           }
 #endif
 #if defined(LOWBIT_HAVE_AVX2)
-          row_blocks(W, first, count, y + first,
-                     [&](auto... a) { avx2::gemv_rows<Bits, kKernelRows, Mode>(args, a...); },
-                     [&](auto... a) { avx2::gemv_rows<Bits, 1, Mode>(args, a...); });
+          row_task(W, task, y,
+                   [&](auto... a) { avx2::gemv_rows<Bits, kKernelRows, Mode>(args, a...); },
+                   [&](auto... a) { avx2::gemv_rows<Bits, 1, Mode>(args, a...); });
 #endif
         }, min_parallel_tasks(tasks, rows * n));
       };

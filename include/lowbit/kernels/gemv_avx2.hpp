@@ -284,7 +284,7 @@ LOWBIT_TARGET_AVX2 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t* 
     for (Index blk = 0; blk < args.full_blocks; ++blk) {
       const std::uint8_t* block[Rows];
       for (int r = 0; r < Rows; ++r) block[r] = blk < direct_blocks[r] ? rows[r] + blk * block_bytes : tail[r];
-      prefetch_next_row_group(rows[0], Rows, args.row_bytes, block_bytes, blk, args.storage_end);
+      prefetch_next_rows(rows, Rows, args.row_bytes, block_bytes, blk, args.storage_end);
       if (!block_step<Bits, Rows, Mode>(args, block, scales, args.x + blk * kBlockCodes, table, unit, group,
                                         units_left, acc, total))
         break;

@@ -485,7 +485,7 @@ LOWBIT_TARGET_AVX512 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t
       const std::uint8_t* block[Rows];
       for (int r = 0; r < Rows; ++r) block[r] = blk < direct_blocks[r] ? rows[r] + blk * block_bytes : tail[r];
       const float* x_block = args.x + blk * kBlockCodes;
-      prefetch_next_row_group(rows[0], Rows, args.row_bytes, block_bytes, blk, args.storage_end);
+      prefetch_next_rows(rows, Rows, args.row_bytes, block_bytes, blk, args.storage_end);
       if (!unit_step<Bits, Rows, Mode, 0>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
       if (!unit_step<Bits, Rows, Mode, 1>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;
       if (!unit_step<Bits, Rows, Mode, 2>(args, block, scales, x_block, tables, unit, group, units_left, acc, total)) break;

@@ -337,7 +337,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
   for (Index blk = 0; blk < blocks; ++blk) {
     const std::uint8_t* block[Rows];
     for (int r = 0; r < Rows; ++r) block[r] = blk < full_blocks ? rows[r] + blk * block_bytes : tail[r];
-    prefetch_next_row_group(rows[0], Rows, args.row_bytes, block_bytes, blk, args.storage_end);
+    prefetch_next_rows(rows, Rows, args.row_bytes, block_bytes, blk, args.storage_end);
     if (!int8_chunk<Bits, Rows, Mode, 0>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
         !int8_chunk<Bits, Rows, Mode, 1>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
         !int8_chunk<Bits, Rows, Mode, 2>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
@@ -412,7 +412,7 @@ LOWBIT_TARGET_AVX2 void gemv_int8_rows(const Int8RowsArgs& args, const std::uint
   for (Index blk = 0; blk < blocks; ++blk) {
     const std::uint8_t* block[Rows];
     for (int r = 0; r < Rows; ++r) block[r] = blk < full_blocks ? rows[r] + blk * block_bytes : tail[r];
-    prefetch_next_row_group(rows[0], Rows, args.row_bytes, block_bytes, blk, args.storage_end);
+    prefetch_next_rows(rows, Rows, args.row_bytes, block_bytes, blk, args.storage_end);
     if (!int8_chunk<Bits, Rows, Mode, 0>(args, block, scales, blk, chunks_left, group, dot, total) ||
         !int8_chunk<Bits, Rows, Mode, 1>(args, block, scales, blk, chunks_left, group, dot, total) ||
         !int8_chunk<Bits, Rows, Mode, 2>(args, block, scales, blk, chunks_left, group, dot, total) ||
@@ -456,31 +456,35 @@ inline void gemv_int8(const QuantizedMatrix<float>& W, const float* x, float* y,
                           kernel == 2 ? input.block / 64 : input.block / 32,
                           W.row_bytes(),
                           W.packed_codes().data() + W.packed_codes().size()};
-  const Index tasks = (rows + kKernelRows - 1) / kKernelRows;
+  const Index tasks = row_tasks(rows);
   with_bits(W.spec().bits, [&](auto bits_constant) {
     constexpr int Bits = decltype(bits_constant)::value;
     const auto run = [&](auto mode_constant) {
       constexpr ScaleBlock Mode = decltype(mode_constant)::value;
-      parallel_for(tasks, [&](Index task) {
-        const Index first = task * kKernelRows, count = std::min(kKernelRows, rows - first);
-        if (kernel == 0) {
+      if (kernel == 0) {
+        constexpr Index kRowsPerTask = 4;
+        const Index scalar_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+        return parallel_for(scalar_tasks, [&](Index task) {
           thread_local std::vector<std::uint8_t> codes;
           codes.resize(static_cast<std::size_t>(n));
-          return scalar::gemv_int8_rows(W, input, first, count, codes.data(), y + first);
-        }
+          const Index first = task * kRowsPerTask;
+          scalar::gemv_int8_rows(W, input, first, std::min(kRowsPerTask, rows - first), codes.data(), y + first);
+        }, min_parallel_tasks(scalar_tasks, rows * n));
+      }
+      parallel_for(tasks, [&](Index task) {
 #if defined(LOWBIT_HAVE_AVX512)
         if (kernel == 2)
-          return row_blocks(W, first, count, y + first,
-                            [&](auto... a) { avx512::gemv_int8_rows<Bits, kKernelRows, Mode>(args, a...); },
-                            [&](auto... a) { avx512::gemv_int8_rows<Bits, 1, Mode>(args, a...); });
+          return row_task(W, task, y,
+                          [&](auto... a) { avx512::gemv_int8_rows<Bits, kKernelRows, Mode>(args, a...); },
+                          [&](auto... a) { avx512::gemv_int8_rows<Bits, 1, Mode>(args, a...); });
 #endif
 #if defined(LOWBIT_HAVE_AVX2)
         // 8-bit codes never get here (int8_path_applies); a 32-code chunk is in one group.
         constexpr ScaleBlock Avx2Mode = Mode == ScaleBlock::Group ? ScaleBlock::Group : ScaleBlock::Chunk;
         if constexpr (Bits <= 7)
-          row_blocks(W, first, count, y + first,
-                     [&](auto... a) { avx2::gemv_int8_rows<Bits, kKernelRows, Avx2Mode>(args, a...); },
-                     [&](auto... a) { avx2::gemv_int8_rows<Bits, 1, Avx2Mode>(args, a...); });
+          row_task(W, task, y,
+                   [&](auto... a) { avx2::gemv_int8_rows<Bits, kKernelRows, Avx2Mode>(args, a...); },
+                   [&](auto... a) { avx2::gemv_int8_rows<Bits, 1, Avx2Mode>(args, a...); });
 #endif
       }, min_parallel_tasks(tasks, rows * n));
     };
