@@ -19,8 +19,8 @@ TEST(GemvAvx512, AgreesWithScalarOnAWiderLayer) {
 }
 
 #if defined(LOWBIT_HAVE_AVX512)
-// The lane order the kernels decode matches the layout: decoding every slice of a
-// block of known codes gives code 64u + 4k + b in lane k of slice (u, b).
+// The lane order the kernels decode matches the layout: decoding each of the 16 slices
+// of a block of known codes gives code 64u + 4k + b in lane k of slice (u, b).
 template <int Bits, int U, int B>
 LOWBIT_TARGET_AVX512 void decode_slice_to(const std::uint8_t* block, float* lanes) {
   _mm512_storeu_ps(lanes, detail::avx512::decode_slice<Bits, U, B>(block, detail::avx512::decode_tables<Bits>()));
@@ -34,17 +34,23 @@ void expect_slice(const std::uint8_t* block, const std::vector<std::uint8_t>& co
     ASSERT_EQ(lanes[k], codes[static_cast<std::size_t>(64 * U + 4 * k + B)]) << Bits << "-bit slice " << U << "," << B;
 }
 
+template <int Bits, int U>
+void expect_unit(const std::uint8_t* block, const std::vector<std::uint8_t>& codes) {
+  expect_slice<Bits, U, 0>(block, codes);
+  expect_slice<Bits, U, 1>(block, codes);
+  expect_slice<Bits, U, 2>(block, codes);
+  expect_slice<Bits, U, 3>(block, codes);
+}
+
 template <int Bits>
 void expect_block_decodes() {
   const auto codes = test::random_codes(256, Bits, Bits);
   std::vector<std::uint8_t> packed(static_cast<std::size_t>(32 * Bits + detail::kOverread));
   detail::scalar::pack_row(codes.data(), 256, Bits, packed.data());
-  expect_slice<Bits, 0, 0>(packed.data(), codes);
-  expect_slice<Bits, 0, 3>(packed.data(), codes);
-  expect_slice<Bits, 1, 1>(packed.data(), codes);
-  expect_slice<Bits, 2, 2>(packed.data(), codes);
-  expect_slice<Bits, 3, 0>(packed.data(), codes);
-  expect_slice<Bits, 3, 3>(packed.data(), codes);
+  expect_unit<Bits, 0>(packed.data(), codes);
+  expect_unit<Bits, 1>(packed.data(), codes);
+  expect_unit<Bits, 2>(packed.data(), codes);
+  expect_unit<Bits, 3>(packed.data(), codes);
 }
 
 TEST(GemvAvx512, SlicesDecodeTheLayoutInLaneOrder) {

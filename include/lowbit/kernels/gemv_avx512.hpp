@@ -8,6 +8,9 @@
 // to 4 bits become floats with one permute from a 16-entry table (vpermps reads only
 // the low 4 bits of each lane, so no mask is needed); wider codes are masked and
 // converted. x was shuffled into this lane order once per call (gemv_input.hpp).
+// 2-, 3- and 4-bit blocks are decoded from "nibble vectors" (below), loaded once per
+// block, which saves the shifts and the cache-line-splitting loads that dominate a
+// compute-bound GEMV.
 // Per row: y_r = sum_g s_g * (sum_{j in g} q_j x_j) - sum_g s_g z_g S_g.
 // A row's short last block is read in place in natural order (gemv_short_block.hpp).
 #pragma once
@@ -76,16 +79,30 @@ LOWBIT_TARGET_AVX512 inline __m512i combine_planes(const std::uint8_t* block) {
 }
 
 // Permute tables: entry i of `low` is float(i & max_code); for 2-bit codes, where the
-// 4 index bits hold two codes, entry i of `high` is float(i >> 2).
+// 4 index bits hold two codes, entry i of `high` is float(i >> 2). The `words` forms
+// hold the same tables for vpermw (32 entries of 16 bits, entry i = the upper half of
+// the float of entry i % 16: a small integer's float has a zero lower half).
 struct DecodeTables {
   __m512 low, high;
+  __m512i low_words, high_words;
 };
+
+// Entries i % 16 of `table` as the upper 16 bits of 32 words.
+LOWBIT_TARGET_AVX512 inline __m512i word_table(__m512 table) {
+  const __m512i upper = _mm512_srli_epi32(_mm512_castps_si512(table), 16);  // entry k in word 2k
+  const __m512i packed = _mm512_permutexvar_epi16(
+      _mm512_setr_epi32(0x00020000, 0x00060004, 0x000A0008, 0x000E000C, 0x00120010, 0x00160014, 0x001A0018, 0x001E001C,
+                        0x00020000, 0x00060004, 0x000A0008, 0x000E000C, 0x00120010, 0x00160014, 0x001A0018, 0x001E001C),
+      upper);
+  return packed;
+}
 
 template <int Bits>
 LOWBIT_TARGET_AVX512 inline DecodeTables decode_tables() {
   const __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return {_mm512_cvtepi32_ps(_mm512_and_si512(index, _mm512_set1_epi32((1 << std::min(Bits, 4)) - 1))),
-          _mm512_cvtepi32_ps(_mm512_srli_epi32(index, 2))};
+  const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(index, _mm512_set1_epi32((1 << std::min(Bits, 4)) - 1)));
+  const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(index, 2));
+  return {low, high, word_table(low), word_table(high)};
 }
 
 // 3-bit codes of a whole block as two vectors of nibbles: nibble 8b + 4h of `even`
@@ -101,19 +118,51 @@ LOWBIT_TARGET_AVX512 inline __m512i three_bit_nibbles(const std::uint8_t* block)
   else return _mm512_ternarylogic_epi32(low, _mm512_slli_epi32(high, 2), keep, 0xE4);  // (a & c) | (b & ~c)
 }
 
+// Nibble vectors. A full block of 2-, 3- or 4-bit codes is one or two vectors whose
+// 32-bit lanes hold eight 4-bit fields (field f at bits 4f .. 4f + 3); slice (u, b)
+// is field 2b + u/2 of vector `vector`:
+//   4-bit: the two 64-byte halves of the plane (slice (u, b) at byte (64u) % 128 + 4k + b,
+//          bit 4 (u / 2)), vector u % 2;
+//   3-bit: three_bit_nibbles, vector u % 2;
+//   2-bit: the 64-byte plane (bit 8b + 2u), one vector whose field holds the codes of
+//          slices u and u + 1 (`high` for odd u).
+struct SliceField {
+  int vector, field;
+  bool high;
+};
+
+[[nodiscard]] constexpr SliceField slice_field(int bits, int u, int b) {
+  return {bits == 2 ? 0 : u % 2, 2 * b + u / 2, bits == 2 && u % 2 == 1};
+}
+
+template <int Bits, int V>
+LOWBIT_TARGET_AVX512 inline __m512i nibble_vector(const std::uint8_t* block) {
+  static_assert(Bits >= 2 && Bits <= 4);
+  if constexpr (Bits == 3) return three_bit_nibbles<V>(block);
+  else return _mm512_loadu_si512(block + 64 * V);
+}
+
+// Field F of every lane of `nibbles` as the float its table gives. Fields 0-3 go
+// through vpermps (the index is the lane's low 4 bits), fields 4-7 through vpermw on
+// the upper 16 bits (index bits 16-20; the table repeats every 16 entries, so bit 20,
+// the next field's, does not matter) writing only the upper half of each lane. Field F
+// and F + 4 share one shift by 4 (F % 4): three shifts per vector instead of seven.
+template <int F, bool High>
+LOWBIT_TARGET_AVX512 inline __m512 decode_field(__m512i nibbles, const DecodeTables& tables) {
+  const __m512i shifted = F % 4 == 0 ? nibbles : _mm512_srli_epi32(nibbles, 4 * (F % 4));
+  if constexpr (F < 4) return _mm512_permutexvar_ps(shifted, High ? tables.high : tables.low);
+  else return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAA, shifted, High ? tables.high_words : tables.low_words));
+}
+
 // The 16 codes of slice (U, B) of a full block as floats. The compiler shares loads and
 // shifts among the slices of a block.
 template <int Bits, int U, int B>
 LOWBIT_TARGET_AVX512 inline __m512 decode_slice(const std::uint8_t* block, const DecodeTables& tables) {
-  if constexpr (Bits == 2) {
-    // Byte b holds slices (0..3, b) at bits 0, 2, 4, 6: the permute takes two at a time.
-    const __m512i pair = plane_slice<2, 0, U / 2 * 2, B>(block);
-    return _mm512_permutexvar_ps(pair, U % 2 == 0 ? tables.low : tables.high);
-  } else if constexpr (Bits == 1 || Bits == 4) {
+  if constexpr (Bits >= 2 && Bits <= 4) {
+    constexpr SliceField where = slice_field(Bits, U, B);
+    return decode_field<where.field, where.high>(nibble_vector<Bits, where.vector>(block), tables);
+  } else if constexpr (Bits == 1) {
     return _mm512_permutexvar_ps(plane_slice<Bits, 0, U, B>(block), tables.low);
-  } else if constexpr (Bits == 3) {
-    const __m512i nibbles = three_bit_nibbles<U % 2>(block);
-    return _mm512_permutexvar_ps(_mm512_srl_epi32(nibbles, _mm_cvtsi32_si128(8 * B + 4 * (U / 2))), tables.low);
   } else if constexpr (Bits == 8) {
     return _mm512_cvtepi32_ps(_mm512_and_si512(plane_slice<8, 0, U, B>(block), _mm512_set1_epi32(0xFF)));
   } else {
