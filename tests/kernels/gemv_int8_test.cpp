@@ -119,6 +119,49 @@ TEST(GemvInt8, IntegerPathRunsWhereItAppliesAndGemvElsewhere) {
   }
 }
 
+#if defined(LOWBIT_HAVE_AVX512)
+// Codes left in place (2- and 4-bit, in_place_codes): the integer sums carry 2^bit and
+// the block scales d / 2^bit, exactly, so the result is the shifting kernel's bit for bit.
+template <int Bits, detail::ScaleBlock Mode>
+void expect_in_place_matches_shifted(const QuantizedMatrix<float>& q, const Vector<float>& x) {
+  detail::Int8Input input = detail::quantize_activation(q, x.data(), Isa::Avx512);
+  ASSERT_EQ(detail::scale_block(input, q.stored_cols(), q.group_length()), Mode) << q.group_length();
+  const detail::Int8RowsArgs args{&input, q.stored_cols(), q.groups_per_row(), input.block / 64, q.row_bytes(),
+                                  q.packed_codes().data() + q.packed_codes().size()};
+  ASSERT_TRUE(detail::in_place_codes(Bits, Mode, args.chunks_per_group));
+  detail::set_in_place_scales(input, Bits);
+  Vector<float> shifted(q.rows()), in_place(q.rows());
+  for (Index task = 0; task < detail::row_tasks(q.rows()); ++task) {
+    detail::row_task(q, task, shifted.data(),
+                     [&](auto... a) { detail::avx512::gemv_int8_rows<Bits, detail::kKernelRows, Mode, false>(args, a...); },
+                     [&](auto... a) { detail::avx512::gemv_int8_rows<Bits, 1, Mode, false>(args, a...); });
+    detail::row_task(q, task, in_place.data(),
+                     [&](auto... a) { detail::avx512::gemv_int8_rows<Bits, detail::kKernelRows, Mode, true>(args, a...); },
+                     [&](auto... a) { detail::avx512::gemv_int8_rows<Bits, 1, Mode, true>(args, a...); });
+  }
+  EXPECT_EQ(std::memcmp(shifted.data(), in_place.data(), sizeof(float) * static_cast<std::size_t>(q.rows())), 0)
+      << Bits << "-bit group " << q.group_length();
+}
+
+TEST(GemvInt8, CodesInPlaceGiveTheShiftedResultExactly) {
+  if (detail::int8_kernel(Isa::Avx512) != 2) return;
+  using detail::ScaleBlock;
+  const auto run = [](int bits, Index group, auto expect) {
+    const auto q = test::quantized_case<float>(Case{11, 1000, bits, group}, 21);  // 3 row quads and a 3.9-block row
+    expect(q, test::random_matrix<float>(1000, 1, 22));
+  };
+  run(4, 64, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<4, ScaleBlock::Group>(q, x); });
+  run(4, 128, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<4, ScaleBlock::Group>(q, x); });
+  run(4, 32, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<4, ScaleBlock::TwoGroups>(q, x); });
+  run(4, 0, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<4, ScaleBlock::Chunk>(q, x); });
+  run(2, 64, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<2, ScaleBlock::Group>(q, x); });
+  run(2, 320, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<2, ScaleBlock::Chunk>(q, x); });
+  EXPECT_FALSE(detail::in_place_codes(2, ScaleBlock::Group, 2));  // chunks at bits 0 and 2 in one integer sum
+  EXPECT_FALSE(detail::in_place_codes(4, ScaleBlock::Group, 4));
+  EXPECT_FALSE(detail::in_place_codes(3, ScaleBlock::Chunk, 1));
+}
+#endif
+
 #if defined(LOWBIT_HAVE_AVX2)
 // The activation quantizer's AVX2 and scalar forms give the same scale and codes,
 // including ties (x / d exactly halfway) and all-zero blocks.

@@ -94,6 +94,7 @@ struct Int8Input {
   Index block = 64;                  // inputs per scale
   std::vector<std::int8_t> xq;       // stored order, padded to whole 256-code blocks with zeros
   std::vector<float> block_scales;   // d_b
+  std::vector<float> in_place_scales;  // d_b / 2^bit for kernels that keep codes in place (in_place_codes)
   std::vector<float> group_sums;     // S^_g
   std::vector<std::int32_t> half_groups;  // group of each 32 stored columns (kernels: no division)
 };
@@ -208,6 +209,30 @@ enum class ScaleBlock { Group, Chunk, TwoGroups };
   return group_length % 64 == 0 || group_length >= n ? ScaleBlock::Chunk : ScaleBlock::TwoGroups;
 }
 
+// Codes left in place. A 2- or 4-bit chunk (64 codes of a full block) sits in its bytes
+// at one bit position, bit(M) = Bits * (64 M / L) for a plane of L = 32 Bits bytes
+// (4-bit: 0, 0, 4, 4; 2-bit: 0, 2, 4, 6). Masking the byte instead of shifting it gives
+// 2^bit q, so the integer sum is 2^bit sum q xq, exact (below 2^24 for any block here)
+// and taken out exactly in float by the block scale d / 2^bit. That needs every
+// integer sum to run over chunks of one bit position: per chunk, or per group of one
+// or (4-bit) two chunks.
+[[nodiscard]] constexpr int chunk_bit(int bits, Index chunk) {
+  return bits * static_cast<int>(64 * (chunk % 4) / (32 * bits));
+}
+
+[[nodiscard]] inline bool in_place_codes(int bits, ScaleBlock mode, Index chunks_per_group) {
+  if (bits != 2 && bits != 4) return false;
+  return mode != ScaleBlock::Group || chunks_per_group == 1 || (bits == 4 && chunks_per_group == 2);
+}
+
+// d_b / 2^bit for activation block b (of `input.block` codes, a multiple of 64: its
+// chunks share one bit position when in_place_codes holds).
+inline void set_in_place_scales(Int8Input& input, int bits) {
+  input.in_place_scales.resize(input.block_scales.size());
+  for (std::size_t b = 0; b < input.block_scales.size(); ++b)
+    input.in_place_scales[b] = std::ldexp(input.block_scales[b], -chunk_bit(bits, static_cast<Index>(b) * input.block / 64));
+}
+
 #if defined(LOWBIT_HAVE_AVX512)
 namespace avx512 {
 
@@ -261,11 +286,19 @@ combine_chunk(const std::uint8_t* block) {
 }
 
 // Codes 64M .. 64M+63 of a full block, one per byte (as pack/avx512.hpp's unpack_chunk),
-// with bit-field selects on port 5 instead of shifts on port 0, which vpdpbusd needs.
-template <int Bits, int M>
+// with bit-field selects on port 5 instead of shifts on port 0, which vpdpbusd needs;
+// InPlace (2- and 4-bit codes, in_place_codes): 2^chunk_bit q, the byte only masked.
+template <int Bits, int M, bool InPlace>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline __m512i
 codes_chunk(const std::uint8_t* block) {
-  return combine_chunk<Bits, 0, M>(block);
+  if constexpr (InPlace) {
+    static_assert(Bits == 2 || Bits == 4);
+    constexpr int L = 32 * Bits;
+    const __m512i v = _mm512_loadu_si512(block + (64 * M) % L);
+    return _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(((1 << Bits) - 1) << chunk_bit(Bits, M))));
+  } else {
+    return combine_chunk<Bits, 0, M>(block);
+  }
 }
 
 // s_g d_g for the groups of one row, 16 at a time.
@@ -280,7 +313,7 @@ LOWBIT_TARGET_AVX512 inline void group_factors(const float* scales, const float*
 // One 64-code chunk of Rows rows. ScaleBlock::Group: integer sums run on and are
 // converted and scaled when the group ends; otherwise each chunk is scaled by its
 // block's d and, per half, by its group's s.
-template <int Bits, int Rows, ScaleBlock Mode, int M>
+template <int Bits, int Rows, ScaleBlock Mode, bool InPlace, int M>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline bool int8_chunk(
     const Int8RowsArgs& args, const std::uint8_t* const* blocks, const float* const* scales, const float* factors,
     Index groups, Index blk, Index& chunks_left, Index& group, __m512i* dot, __m512* total) {
@@ -289,7 +322,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
   const Int8Input& input = *args.input;
   const __m512i xq = _mm512_loadu_si512(input.xq.data() + start);
   if constexpr (Mode == ScaleBlock::Group) {
-    for (int r = 0; r < Rows; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], codes_chunk<Bits, M>(blocks[r]), xq);
+    for (int r = 0; r < Rows; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], codes_chunk<Bits, M, InPlace>(blocks[r]), xq);
     if (--chunks_left == 0 || start + 64 >= args.n) {
       for (int r = 0; r < Rows; ++r) {
         total[r] = _mm512_fmadd_ps(_mm512_set1_ps(factors[r * groups + group]), _mm512_cvtepi32_ps(dot[r]), total[r]);
@@ -299,10 +332,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
       chunks_left = args.chunks_per_group;
     }
   } else {
-    const __m512 d = _mm512_set1_ps(input.block_scales[static_cast<std::size_t>(chunk)]);
+    const __m512 d = _mm512_set1_ps((InPlace ? input.in_place_scales : input.block_scales)[static_cast<std::size_t>(chunk)]);
     const auto half = static_cast<std::size_t>(2 * chunk);
     for (int r = 0; r < Rows; ++r) {
-      const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes_chunk<Bits, M>(blocks[r]), xq);
+      const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes_chunk<Bits, M, InPlace>(blocks[r]), xq);
       __m512 s = _mm512_set1_ps(scales[r][input.half_groups[half]]);
       if constexpr (Mode == ScaleBlock::TwoGroups)
         s = _mm512_mask_blend_ps(0xFF00, s, _mm512_set1_ps(scales[r][input.half_groups[half + 1]]));
@@ -312,7 +345,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
   return true;
 }
 
-template <int Bits, int Rows, ScaleBlock Mode>
+template <int Bits, int Rows, ScaleBlock Mode, bool InPlace>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) void gemv_int8_rows(
     const Int8RowsArgs& args, const std::uint8_t* const* rows, const float* const* scales, const float* const* zeros,
     float* y) {
@@ -325,7 +358,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
   if constexpr (Mode == ScaleBlock::Group) {
     factors.resize(static_cast<std::size_t>(Rows * args.groups));
     for (int r = 0; r < Rows; ++r)
-      group_factors(scales[r], args.input->block_scales.data(), args.groups, factors.data() + r * args.groups);
+      group_factors(scales[r], (InPlace ? args.input->in_place_scales : args.input->block_scales).data(), args.groups,
+                    factors.data() + r * args.groups);
   }
   __m512 total[Rows];
   __m512i dot[Rows];
@@ -338,15 +372,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
     const std::uint8_t* block[Rows];
     for (int r = 0; r < Rows; ++r) block[r] = blk < full_blocks ? rows[r] + blk * block_bytes : tail[r];
     prefetch_next_rows(rows, Rows, args.row_bytes, block_bytes, blk, args.storage_end);
-    if (!int8_chunk<Bits, Rows, Mode, 0>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
-        !int8_chunk<Bits, Rows, Mode, 1>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
-        !int8_chunk<Bits, Rows, Mode, 2>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
-        !int8_chunk<Bits, Rows, Mode, 3>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total))
+    if (!int8_chunk<Bits, Rows, Mode, InPlace, 0>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, InPlace, 1>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, InPlace, 2>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total) ||
+        !int8_chunk<Bits, Rows, Mode, InPlace, 3>(args, block, scales, factors.data(), args.groups, blk, chunks_left, group, dot, total))
       break;
   }
+  // The zero correction joins the lanes before the one reduction per row (four rows share it).
   for (int r = 0; r < Rows; ++r)
-    y[r] = _mm512_reduce_add_ps(total[r]) -
-           zero_correction(scales[r], zeros[r], args.input->group_sums.data(), args.groups);
+    total[r] = subtract_zero_correction(total[r], scales[r], zeros[r], args.input->group_sums.data(), args.groups);
+  reduce_rows<Rows>(total, y);
 }
 
 // The 512-bit integer kernel needs VNNI (vpdpbusd) and VBMI (vpmultishiftqb).
@@ -447,7 +482,7 @@ inline void gemv_int8(const QuantizedMatrix<float>& W, const float* x, float* y,
     gemv(W, x, y, isa);
     return;
   }
-  const Int8Input input = quantize_activation(W, x, isa);
+  Int8Input input = quantize_activation(W, x, isa);
   const Index rows = W.rows(), n = W.stored_cols();
   const ScaleBlock mode = scale_block(input, n, W.group_length());
   const Int8RowsArgs args{&input,
@@ -456,6 +491,8 @@ inline void gemv_int8(const QuantizedMatrix<float>& W, const float* x, float* y,
                           kernel == 2 ? input.block / 64 : input.block / 32,
                           W.row_bytes(),
                           W.packed_codes().data() + W.packed_codes().size()};
+  const bool in_place = kernel == 2 && in_place_codes(W.spec().bits, mode, args.chunks_per_group);
+  if (in_place) set_in_place_scales(input, W.spec().bits);
   const Index tasks = row_tasks(rows);
   with_bits(W.spec().bits, [&](auto bits_constant) {
     constexpr int Bits = decltype(bits_constant)::value;
@@ -473,10 +510,17 @@ inline void gemv_int8(const QuantizedMatrix<float>& W, const float* x, float* y,
       }
       parallel_for(tasks, [&](Index task) {
 #if defined(LOWBIT_HAVE_AVX512)
-        if (kernel == 2)
+        if (kernel == 2) {
+          if constexpr (Bits == 2 || Bits == 4) {
+            if (in_place)
+              return row_task(W, task, y,
+                              [&](auto... a) { avx512::gemv_int8_rows<Bits, kKernelRows, Mode, true>(args, a...); },
+                              [&](auto... a) { avx512::gemv_int8_rows<Bits, 1, Mode, true>(args, a...); });
+          }
           return row_task(W, task, y,
-                          [&](auto... a) { avx512::gemv_int8_rows<Bits, kKernelRows, Mode>(args, a...); },
-                          [&](auto... a) { avx512::gemv_int8_rows<Bits, 1, Mode>(args, a...); });
+                          [&](auto... a) { avx512::gemv_int8_rows<Bits, kKernelRows, Mode, false>(args, a...); },
+                          [&](auto... a) { avx512::gemv_int8_rows<Bits, 1, Mode, false>(args, a...); });
+        }
 #endif
 #if defined(LOWBIT_HAVE_AVX2)
         // 8-bit codes never get here (int8_path_applies); a 32-code chunk is in one group.
