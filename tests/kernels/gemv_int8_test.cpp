@@ -120,7 +120,7 @@ TEST(GemvInt8, IntegerPathRunsWhereItAppliesAndGemvElsewhere) {
 }
 
 #if defined(LOWBIT_HAVE_AVX512)
-// Codes left in place (2- and 4-bit, in_place_codes): the integer sums carry 2^bit and
+// Codes left in place (2-, 3- and 4-bit, in_place_codes): the integer sums carry 2^bit and
 // the block scales d / 2^bit, exactly, so the result is the shifting kernel's bit for bit.
 template <int Bits, detail::ScaleBlock Mode>
 void expect_in_place_matches_shifted(const QuantizedMatrix<float>& q, const Vector<float>& x) {
@@ -156,9 +156,13 @@ TEST(GemvInt8, CodesInPlaceGiveTheShiftedResultExactly) {
   run(4, 0, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<4, ScaleBlock::Chunk>(q, x); });
   run(2, 64, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<2, ScaleBlock::Group>(q, x); });
   run(2, 320, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<2, ScaleBlock::Chunk>(q, x); });
+  run(3, 64, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<3, ScaleBlock::Group>(q, x); });
+  run(3, 128, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<3, ScaleBlock::Group>(q, x); });
+  run(3, 96, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<3, ScaleBlock::TwoGroups>(q, x); });
+  run(3, 0, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<3, ScaleBlock::Chunk>(q, x); });
   EXPECT_FALSE(detail::in_place_codes(2, ScaleBlock::Group, 2));  // chunks at bits 0 and 2 in one integer sum
   EXPECT_FALSE(detail::in_place_codes(4, ScaleBlock::Group, 4));
-  EXPECT_FALSE(detail::in_place_codes(3, ScaleBlock::Chunk, 1));
+  EXPECT_FALSE(detail::in_place_codes(5, ScaleBlock::Chunk, 1));
 }
 #endif
 

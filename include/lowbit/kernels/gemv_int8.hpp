@@ -209,20 +209,20 @@ enum class ScaleBlock { Group, Chunk, TwoGroups };
   return group_length % 64 == 0 || group_length >= n ? ScaleBlock::Chunk : ScaleBlock::TwoGroups;
 }
 
-// Codes left in place. A 2- or 4-bit chunk (64 codes of a full block) sits in its bytes
-// at one bit position, bit(M) = Bits * (64 M / L) for a plane of L = 32 Bits bytes
-// (4-bit: 0, 0, 4, 4; 2-bit: 0, 2, 4, 6). Masking the byte instead of shifting it gives
-// 2^bit q, so the integer sum is 2^bit sum q xq, exact (below 2^24 for any block here)
-// and taken out exactly in float by the block scale d / 2^bit. That needs every
-// integer sum to run over chunks of one bit position: per chunk, or per group of one
-// or (4-bit) two chunks.
+// Codes left in place. A chunk (64 codes of a full block) of 2-, 3- or 4-bit codes can
+// be brought to one bit position of its bytes, bit(M) (2-bit: 2M; 3- and 4-bit: 0, 0, 4,
+// 4), by masks alone (3-bit: plus shifts shared by the whole block). The byte then
+// holds 2^bit q, so the integer sum is 2^bit sum q xq, exact (below 2^24 for any block
+// here), and the block scale d / 2^bit takes the factor out exactly in float. That
+// needs every integer sum to run over chunks of one bit position: per chunk, or per
+// group of one chunk or (3- and 4-bit) two.
 [[nodiscard]] constexpr int chunk_bit(int bits, Index chunk) {
-  return bits * static_cast<int>(64 * (chunk % 4) / (32 * bits));
+  return bits == 2 ? 2 * static_cast<int>(chunk % 4) : 4 * static_cast<int>(chunk % 4 / 2);
 }
 
 [[nodiscard]] inline bool in_place_codes(int bits, ScaleBlock mode, Index chunks_per_group) {
-  if (bits != 2 && bits != 4) return false;
-  return mode != ScaleBlock::Group || chunks_per_group == 1 || (bits == 4 && chunks_per_group == 2);
+  if (bits < 2 || bits > 4) return false;
+  return mode != ScaleBlock::Group || chunks_per_group == 1 || (bits != 2 && chunks_per_group == 2);
 }
 
 // d_b / 2^bit for activation block b (of `input.block` codes, a multiple of 64: its
@@ -287,11 +287,28 @@ combine_chunk(const std::uint8_t* block) {
 
 // Codes 64M .. 64M+63 of a full block, one per byte (as pack/avx512.hpp's unpack_chunk),
 // with bit-field selects on port 5 instead of shifts on port 0, which vpdpbusd needs;
-// InPlace (2- and 4-bit codes, in_place_codes): 2^chunk_bit q, the byte only masked.
+// InPlace (in_place_codes): 2^chunk_bit q.
 template <int Bits, int M, bool InPlace>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline __m512i
 codes_chunk(const std::uint8_t* block) {
-  if constexpr (InPlace) {
+  if constexpr (InPlace && Bits == 3) {
+    // Bits 0-1 from the 2-bit plane (code 64M + j at bits 2M, 2M + 1 of byte j), bit 2
+    // from the 1-bit plane (at bit 2M + (j >= 32) of byte j % 32, read into both
+    // halves), merged per pair of chunks: chunks 0 and 2 into bits 0-2 and 4-6 of
+    // `fields` as they lie (the 1-bit plane moved up by 2 or 1), chunks 1 and 3 after a
+    // shift down by 2. Bits that 64-bit shifts carry across bytes land where 0x33 /
+    // 0x44 and the final mask drop them. The compiler shares all of it per block.
+    const __m512i two = _mm512_loadu_si512(block);
+    const __m512i one = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64)));
+    const __m512i fields =
+        M % 2 == 0
+            ? _mm512_ternarylogic_epi32(two, _mm512_sllv_epi64(one, _mm512_setr_epi64(2, 2, 2, 2, 1, 1, 1, 1)),
+                                        _mm512_set1_epi8(0x33), 0xE4)  // (a & c) | (b & ~c)
+            : _mm512_ternarylogic_epi32(_mm512_srli_epi64(two, 2),
+                                        _mm512_srlv_epi64(one, _mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1)),
+                                        _mm512_set1_epi8(0x33), 0xE4);
+    return _mm512_and_si512(fields, _mm512_set1_epi8(M < 2 ? 0x07 : 0x70));
+  } else if constexpr (InPlace) {
     static_assert(Bits == 2 || Bits == 4);
     constexpr int L = 32 * Bits;
     const __m512i v = _mm512_loadu_si512(block + (64 * M) % L);
@@ -345,6 +362,42 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
   return true;
 }
 
+// Chunk M of a full block in ScaleBlock::Group mode when a group is ChunksPerGroup
+// (1, 2 or 4) chunks: groups end at fixed chunks of every block, so the loop over full
+// blocks needs no bounds or counters. The arithmetic is int8_chunk's.
+template <int Bits, int Rows, bool InPlace, int ChunksPerGroup, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline void group_chunk(
+    const std::uint8_t* const* blocks, const std::int8_t* xq_block, const float* factors, Index groups, Index group,
+    __m512i* dot, __m512* total) {
+  const __m512i xq = _mm512_loadu_si512(xq_block + 64 * M);
+  for (int r = 0; r < Rows; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], codes_chunk<Bits, M, InPlace>(blocks[r]), xq);
+  if constexpr ((M + 1) % ChunksPerGroup == 0) {
+    const Index g = group + M / ChunksPerGroup;
+    for (int r = 0; r < Rows; ++r) {
+      total[r] = _mm512_fmadd_ps(_mm512_set1_ps(factors[r * groups + g]), _mm512_cvtepi32_ps(dot[r]), total[r]);
+      dot[r] = _mm512_setzero_si512();
+    }
+  }
+}
+
+template <int Bits, int Rows, bool InPlace, int ChunksPerGroup>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline void group_blocks(
+    const Int8RowsArgs& args, const std::uint8_t* const* rows, const float* factors, Index full_blocks, __m512i* dot,
+    __m512* total) {
+  constexpr Index block_bytes = kBlockCodes * Bits / 8;
+  for (Index blk = 0; blk < full_blocks; ++blk) {
+    const std::uint8_t* block[Rows];
+    for (int r = 0; r < Rows; ++r) block[r] = rows[r] + blk * block_bytes;
+    prefetch_next_rows(rows, Rows, args.row_bytes, block_bytes, blk, args.storage_end);
+    const std::int8_t* xq = args.input->xq.data() + blk * kBlockCodes;
+    const Index group = blk * (4 / ChunksPerGroup);
+    group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 0>(block, xq, factors, args.groups, group, dot, total);
+    group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 1>(block, xq, factors, args.groups, group, dot, total);
+    group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 2>(block, xq, factors, args.groups, group, dot, total);
+    group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 3>(block, xq, factors, args.groups, group, dot, total);
+  }
+}
+
 template <int Bits, int Rows, ScaleBlock Mode, bool InPlace>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) void gemv_int8_rows(
     const Int8RowsArgs& args, const std::uint8_t* const* rows, const float* const* scales, const float* const* zeros,
@@ -367,8 +420,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
     total[r] = _mm512_setzero_ps();
     dot[r] = _mm512_setzero_si512();
   }
-  Index chunks_left = args.chunks_per_group, group = 0;
-  for (Index blk = 0; blk < blocks; ++blk) {
+  Index chunks_left = args.chunks_per_group, group = 0, first_block = 0;
+  if constexpr (Mode == ScaleBlock::Group) {
+    if (4 % args.chunks_per_group == 0) {
+      if (args.chunks_per_group == 1) group_blocks<Bits, Rows, InPlace, 1>(args, rows, factors.data(), full_blocks, dot, total);
+      else if (args.chunks_per_group == 2) group_blocks<Bits, Rows, InPlace, 2>(args, rows, factors.data(), full_blocks, dot, total);
+      else group_blocks<Bits, Rows, InPlace, 4>(args, rows, factors.data(), full_blocks, dot, total);
+      first_block = full_blocks;
+      group = full_blocks * 4 / args.chunks_per_group;
+    }
+  }
+  for (Index blk = first_block; blk < blocks; ++blk) {
     const std::uint8_t* block[Rows];
     for (int r = 0; r < Rows; ++r) block[r] = blk < full_blocks ? rows[r] + blk * block_bytes : tail[r];
     prefetch_next_rows(rows, Rows, args.row_bytes, block_bytes, blk, args.storage_end);
@@ -511,7 +573,7 @@ inline void gemv_int8(const QuantizedMatrix<float>& W, const float* x, float* y,
       parallel_for(tasks, [&](Index task) {
 #if defined(LOWBIT_HAVE_AVX512)
         if (kernel == 2) {
-          if constexpr (Bits == 2 || Bits == 4) {
+          if constexpr (Bits >= 2 && Bits <= 4) {
             if (in_place)
               return row_task(W, task, y,
                               [&](auto... a) { avx512::gemv_int8_rows<Bits, kKernelRows, Mode, true>(args, a...); },
