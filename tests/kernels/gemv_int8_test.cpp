@@ -127,7 +127,8 @@ void expect_in_place_matches_shifted(const QuantizedMatrix<float>& q, const Vect
   detail::Int8Input input = detail::quantize_activation(q, x.data(), Isa::Avx512);
   ASSERT_EQ(detail::scale_block(input, q.stored_cols(), q.group_length()), Mode) << q.group_length();
   const detail::Int8RowsArgs args{&input, q.stored_cols(), q.groups_per_row(), input.block / 64, q.row_bytes(),
-                                  q.packed_codes().data() + q.packed_codes().size()};
+                                  q.packed_codes().data() + q.packed_codes().size(),
+                                  q.scales().data() + q.scales().size(), q.zeros().data() + q.zeros().size()};
   ASSERT_TRUE(detail::in_place_codes(Bits, Mode, args.chunks_per_group));
   detail::set_in_place_scales(input, Bits);
   Vector<float> shifted(q.rows()), in_place(q.rows());

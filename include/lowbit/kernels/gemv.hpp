@@ -165,7 +165,9 @@ void gemv_rows_dispatch(const QuantizedMatrix<T>& W, const T* x, T* y, Isa isa) 
                             W.row_bytes(),
                             W.packed_codes().data(),
                             W.scales().data(),
-                            W.zeros().data()};
+                            W.zeros().data(),
+                            W.scales().data() + W.scales().size(),
+                            W.zeros().data() + W.zeros().size()};
     const Index tasks = row_tasks(rows);
     with_bits(W.spec().bits, [&](auto bits_constant) {
       constexpr int Bits = decltype(bits_constant)::value;

@@ -269,6 +269,7 @@ LOWBIT_TARGET_AVX2 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t* 
   __m256 acc[Rows], total[Rows];
   for (int r = 0; r < Rows; ++r) acc[r] = total[r] = _mm256_setzero_ps();
   if (args.full_blocks > 0) {
+    prefetch_next_row_params(scales, zeros, Rows, args.groups, args.scales_end, args.zeros_end);
     // A last full block whose overread would leave the storage is read from a copy.
     alignas(32) std::uint8_t tail[Rows][block_bytes + kOverread];
     Index direct_blocks[Rows];

@@ -171,7 +171,7 @@ LOWBIT_TARGET_AVX512 inline __m512 decode_slice(const std::uint8_t* block, const
 }
 
 template <int Bits, int Rows, int U, int B>
-LOWBIT_TARGET_AVX512 inline void slice_fma(const std::uint8_t* const* blocks, const float* x_unit,
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void slice_fma(const std::uint8_t* const* blocks, const float* x_unit,
                                            const DecodeTables& tables, __m512* acc) {
   const __m512 x = _mm512_loadu_ps(x_unit + kLanes * B);
   for (int r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(decode_slice<Bits, U, B>(blocks[r], tables), x, acc[r]);
@@ -510,6 +510,59 @@ LOWBIT_TARGET_AVX512 void short_rows_range(const GemvRowsArgs& args, Index first
   for (int k = 0; r < count; ++r, ++k) short_rows<Bits, 1>(args, rows + k, scales + k, zeros + k, y + r);
 }
 
+// Unit U of a full block in ScaleMode::PerGroup when a group is UnitsPerGroup (1, 2 or
+// 4) units, or (UnitsPerGroup 0) whole blocks: scales apply at fixed units, so the loop
+// over full blocks checks no bounds or counters per unit. The arithmetic is unit_step's.
+template <int Bits, int Rows, int UnitsPerGroup, int U>
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void group_unit(const std::uint8_t* const* block, const float* const* scales,
+                                            const float* x_block, const DecodeTables& tables, Index group,
+                                            __m512* acc, __m512* total) {
+  const float* x_unit = x_block + kUnit * U;
+  slice_fma<Bits, Rows, U, 0>(block, x_unit, tables, acc);
+  slice_fma<Bits, Rows, U, 1>(block, x_unit, tables, acc);
+  slice_fma<Bits, Rows, U, 2>(block, x_unit, tables, acc);
+  slice_fma<Bits, Rows, U, 3>(block, x_unit, tables, acc);
+  if constexpr (UnitsPerGroup != 0 && (U + 1) % UnitsPerGroup == 0) {
+    for (int r = 0; r < Rows; ++r) {
+      total[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[r][group + U / UnitsPerGroup]), acc[r], total[r]);
+      acc[r] = _mm512_setzero_ps();
+    }
+  }
+}
+
+// The first `blocks` full blocks (whole groups, read in place); returns the groups done.
+template <int Bits, int Rows, int UnitsPerGroup>
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline Index group_blocks(const GemvRowsArgs& args, const std::uint8_t* const* rows,
+                                               const float* const* scales, const DecodeTables& tables, Index blocks,
+                                               __m512* acc, __m512* total) {
+  constexpr Index block_bytes = kBlockCodes * Bits / 8;
+  const Index blocks_per_group = UnitsPerGroup == 0 ? args.units_per_group / 4 : 1;
+  Index group = 0, blocks_left = blocks_per_group;
+  for (Index blk = 0; blk < blocks; ++blk) {
+    const std::uint8_t* block[Rows];
+    for (int r = 0; r < Rows; ++r) block[r] = rows[r] + blk * block_bytes;
+    const float* x_block = args.x + blk * kBlockCodes;
+    prefetch_next_rows(rows, Rows, args.row_bytes, block_bytes, blk, args.storage_end);
+    group_unit<Bits, Rows, UnitsPerGroup, 0>(block, scales, x_block, tables, group, acc, total);
+    group_unit<Bits, Rows, UnitsPerGroup, 1>(block, scales, x_block, tables, group, acc, total);
+    group_unit<Bits, Rows, UnitsPerGroup, 2>(block, scales, x_block, tables, group, acc, total);
+    group_unit<Bits, Rows, UnitsPerGroup, 3>(block, scales, x_block, tables, group, acc, total);
+    if constexpr (UnitsPerGroup == 0) {
+      if (--blocks_left == 0) {
+        for (int r = 0; r < Rows; ++r) {
+          total[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[r][group]), acc[r], total[r]);
+          acc[r] = _mm512_setzero_ps();
+        }
+        ++group;
+        blocks_left = blocks_per_group;
+      }
+    } else {
+      group += 4 / UnitsPerGroup;
+    }
+  }
+  return group;
+}
+
 // y[r] for Rows consecutive stored rows.
 template <int Bits, int Rows, ScaleMode Mode>
 LOWBIT_TARGET_AVX512 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t* const* rows,
@@ -518,6 +571,7 @@ LOWBIT_TARGET_AVX512 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t
   __m512 acc[Rows], total[Rows];
   for (int r = 0; r < Rows; ++r) acc[r] = total[r] = _mm512_setzero_ps();
   if (args.full_blocks > 0) {
+    prefetch_next_row_params(scales, zeros, Rows, args.groups, args.scales_end, args.zeros_end);
     // A last full block whose overread would leave the storage is read from a copy.
     alignas(64) std::uint8_t tail[Rows][block_bytes + kOverread];
     Index direct_blocks[Rows];
@@ -529,8 +583,20 @@ LOWBIT_TARGET_AVX512 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t
       std::fill(tail[r] + block_bytes, tail[r] + block_bytes + kOverread, std::uint8_t{0});
     }
     const DecodeTables tables = decode_tables<Bits>();
-    Index unit = 0, group = 0, units_left = args.units_per_group;
-    for (Index blk = 0; blk < args.full_blocks; ++blk) {
+    Index unit = 0, group = 0, units_left = args.units_per_group, first_block = 0;
+    if constexpr (Mode == ScaleMode::PerGroup) {
+      // Blocks of whole groups, read in place and filled with codes, first.
+      const Index upg = args.units_per_group;
+      Index blocks = std::min(args.full_units / 4, *std::min_element(direct_blocks, direct_blocks + Rows));
+      if (upg % 4 == 0) blocks -= blocks % (upg / 4);
+      if (upg == 1) group = group_blocks<Bits, Rows, 1>(args, rows, scales, tables, blocks, acc, total);
+      else if (upg == 2) group = group_blocks<Bits, Rows, 2>(args, rows, scales, tables, blocks, acc, total);
+      else if (upg % 4 == 0) group = group_blocks<Bits, Rows, 0>(args, rows, scales, tables, blocks, acc, total);
+      else blocks = 0;
+      first_block = blocks;
+      unit = 4 * blocks;
+    }
+    for (Index blk = first_block; blk < args.full_blocks; ++blk) {
       const std::uint8_t* block[Rows];
       for (int r = 0; r < Rows; ++r) block[r] = blk < direct_blocks[r] ? rows[r] + blk * block_bytes : tail[r];
       const float* x_block = args.x + blk * kBlockCodes;

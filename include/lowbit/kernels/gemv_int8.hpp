@@ -197,6 +197,7 @@ struct Int8RowsArgs {
   Index chunks_per_group;            // ScaleBlock::Group: integer sums run this many chunks
   Index row_bytes;                   // stride of the packed rows (prefetch.hpp)
   const std::uint8_t* storage_end;   // end of the packed codes
+  const float *scales_end, *zeros_end;  // ... and of the scales and zeros
 };
 
 // How a kernel scales its integer sums: once per group (one activation block per
@@ -404,6 +405,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
     float* y) {
   constexpr Index block_bytes = kBlockCodes * Bits / 8;
   const Index blocks = (args.n + kBlockCodes - 1) / kBlockCodes, full_blocks = args.n / kBlockCodes;
+  prefetch_next_row_params(scales, zeros, Rows, args.groups, args.scales_end, args.zeros_end);
   alignas(64) std::uint8_t tail[Rows][block_bytes];
   if (full_blocks < blocks)
     for (int r = 0; r < Rows; ++r) repack_tail_block<Bits>(rows[r], args.n, tail[r]);
@@ -496,6 +498,7 @@ LOWBIT_TARGET_AVX2 void gemv_int8_rows(const Int8RowsArgs& args, const std::uint
                                        const float* const* scales, const float* const* zeros, float* y) {
   constexpr Index block_bytes = kBlockCodes * Bits / 8;
   const Index blocks = (args.n + kBlockCodes - 1) / kBlockCodes, full_blocks = args.n / kBlockCodes;
+  prefetch_next_row_params(scales, zeros, Rows, args.groups, args.scales_end, args.zeros_end);
   alignas(32) std::uint8_t tail[Rows][block_bytes];
   if (full_blocks < blocks)
     for (int r = 0; r < Rows; ++r) repack_tail_block<Bits>(rows[r], args.n, tail[r]);
@@ -552,7 +555,9 @@ inline void gemv_int8(const QuantizedMatrix<float>& W, const float* x, float* y,
                           W.groups_per_row(),
                           kernel == 2 ? input.block / 64 : input.block / 32,
                           W.row_bytes(),
-                          W.packed_codes().data() + W.packed_codes().size()};
+                          W.packed_codes().data() + W.packed_codes().size(),
+                          W.scales().data() + W.scales().size(),
+                          W.zeros().data() + W.zeros().size()};
   const bool in_place = kernel == 2 && in_place_codes(W.spec().bits, mode, args.chunks_per_group);
   if (in_place) set_in_place_scales(input, W.spec().bits);
   const Index tasks = row_tasks(rows);

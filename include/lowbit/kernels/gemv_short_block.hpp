@@ -142,6 +142,7 @@ struct GemvRowsArgs {
   const std::uint8_t* packed;         // the matrix: row r's codes at packed + r row_bytes,
   const float* scales;                // its scales and zeros at + r groups
   const float* zeros;
+  const float *scales_end, *zeros_end;  // end of the scales and zeros
 };
 
 }  // namespace lowbit::detail

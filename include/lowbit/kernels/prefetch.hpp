@@ -38,4 +38,16 @@ inline void prefetch_next_rows(const std::uint8_t* const* rows, int count, Index
   for (int r = 0; r < count; ++r) prefetch_ahead(rows[r], row_bytes + blk * block_bytes, block_bytes, end);
 }
 
+// The scales and zeros (`groups` floats per row) of the row after each of `rows`: a
+// row kernel reads them at its start and its end, short streams of their own.
+inline void prefetch_next_row_params(const float* const* scales, const float* const* zeros, int count, Index groups,
+                                     const float* scales_end, const float* zeros_end) {
+  const auto bytes = [](const float* p) { return reinterpret_cast<const std::uint8_t*>(p); };
+  const Index row = groups * static_cast<Index>(sizeof(float));
+  for (int r = 0; r < count; ++r) {
+    prefetch_ahead(bytes(scales[r]), row, row, bytes(scales_end));
+    prefetch_ahead(bytes(zeros[r]), row, row, bytes(zeros_end));
+  }
+}
+
 }  // namespace lowbit::detail
