@@ -90,11 +90,11 @@ struct DecodeTables {
 // Entries i % 16 of `table` as the upper 16 bits of 32 words.
 LOWBIT_TARGET_AVX512 inline __m512i word_table(__m512 table) {
   const __m512i upper = _mm512_srli_epi32(_mm512_castps_si512(table), 16);  // entry k in word 2k
-  const __m512i packed = _mm512_permutexvar_epi16(
+  // Word i takes word 2 (i % 16).
+  return _mm512_permutexvar_epi16(
       _mm512_setr_epi32(0x00020000, 0x00060004, 0x000A0008, 0x000E000C, 0x00120010, 0x00160014, 0x001A0018, 0x001E001C,
                         0x00020000, 0x00060004, 0x000A0008, 0x000E000C, 0x00120010, 0x00160014, 0x001A0018, 0x001E001C),
       upper);
-  return packed;
 }
 
 template <int Bits>
@@ -171,8 +171,9 @@ LOWBIT_TARGET_AVX512 inline __m512 decode_slice(const std::uint8_t* block, const
 }
 
 template <int Bits, int Rows, int U, int B>
-[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void slice_fma(const std::uint8_t* const* blocks, const float* x_unit,
-                                           const DecodeTables& tables, __m512* acc) {
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void slice_fma(const std::uint8_t* const* blocks,
+                                                                  const float* x_unit, const DecodeTables& tables,
+                                                                  __m512* acc) {
   const __m512 x = _mm512_loadu_ps(x_unit + kLanes * B);
   for (int r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(decode_slice<Bits, U, B>(blocks[r], tables), x, acc[r]);
 }
