@@ -39,7 +39,7 @@ TEST(GemvInt8, EveryVariantIsWithinTheInt8InputError) {
     std::uint64_t seed = 40;
     for (const auto& [rows, cols] : test::kernel_shapes())
       for (int bits = 1; bits <= 8; ++bits)
-        for (Index group : {32, 64, 128, 192, 0, 96, 12})
+        for (Index group : {32, 64, 128, 192, 256, 0, 96, 12})
           for (int variant = 0; variant < 3; ++variant) {
             Case c{rows, cols, bits, group};
             c.permuted = variant == 1 && cols > 1;
@@ -148,7 +148,7 @@ TEST(GemvInt8, CodesInPlaceGiveTheShiftedResultExactly) {
   if (detail::int8_kernel(Isa::Avx512) != 2) return;
   using detail::ScaleBlock;
   const auto run = [](int bits, Index group, auto expect) {
-    const auto q = test::quantized_case<float>(Case{11, 1000, bits, group}, 21);  // 3 row quads and a 3.9-block row
+    const auto q = test::quantized_case<float>(Case{11, 1000, bits, group}, 21);  // 2 row quads, 3 single rows, 3.9 blocks a row
     expect(q, test::random_matrix<float>(1000, 1, 22));
   };
   run(4, 64, [](const auto& q, const auto& x) { expect_in_place_matches_shifted<4, ScaleBlock::Group>(q, x); });

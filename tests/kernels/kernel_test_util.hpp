@@ -192,10 +192,11 @@ inline const std::vector<std::pair<Index, Index>>& kernel_shapes() {
   return shapes;
 }
 
-// Group sizes: 32/64/128, whole row, one that splits 64-code units (12), a ragged one
-// that is a multiple of 4 (100) and one the SIMD kernels leave to the scalar path (7).
+// Group sizes: 32/64/128, whole blocks (256), whole row, one that splits 64-code units
+// (12), a ragged one that is a multiple of 4 (100) and one the SIMD kernels leave to the
+// scalar path (7).
 inline const std::vector<Index>& kernel_group_sizes() {
-  static const std::vector<Index> sizes{32, 64, 128, 0, 12, 100, 7};
+  static const std::vector<Index> sizes{32, 64, 128, 256, 0, 12, 100, 7};
   return sizes;
 }
 

@@ -4,8 +4,9 @@
 // computed once, and every output row then runs a fused unpack + FMA over its packed
 // codes with the zero folded out (gemv_input.hpp):
 //   y_r = sum_g s_rg * (sum_{j in g} q_rj x_j - z_rg * S_g).
-// Rows are split among threads in fixed blocks of rows, and each row's arithmetic is the
-// same whichever thread runs it, so results are bit-identical for any thread count.
+// Rows are split among threads in fixed tasks (row_task: four rows a quarter of the
+// matrix apart), and each row's arithmetic is the same whichever thread runs it, so
+// results are bit-identical for any thread count.
 // Variants: AVX-512 and AVX2 (float, group sizes that are multiples of 4 or one group
 // per row, any group size for rows shorter than one 256-code block), scalar otherwise
 // and for double; chosen by lowbit::active_isa().

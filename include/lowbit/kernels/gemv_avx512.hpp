@@ -125,7 +125,7 @@ LOWBIT_TARGET_AVX512 inline __m512i three_bit_nibbles(const std::uint8_t* block)
 //          bit 4 (u / 2)), vector u % 2;
 //   3-bit: three_bit_nibbles, vector u % 2;
 //   2-bit: the 64-byte plane (bit 8b + 2u), one vector whose field holds the codes of
-//          slices u and u + 1 (`high` for odd u).
+//          slices 2 (u / 2) and 2 (u / 2) + 1 (`high` for odd u).
 struct SliceField {
   int vector, field;
   bool high;
@@ -511,8 +511,8 @@ LOWBIT_TARGET_AVX512 void short_rows_range(const GemvRowsArgs& args, Index first
   for (int k = 0; r < count; ++r, ++k) short_rows<Bits, 1>(args, rows + k, scales + k, zeros + k, y + r);
 }
 
-// Unit U of a full block in ScaleMode::PerGroup when a group is UnitsPerGroup (1, 2 or
-// 4) units, or (UnitsPerGroup 0) whole blocks: scales apply at fixed units, so the loop
+// Unit U of a full block in ScaleMode::PerGroup when a group is UnitsPerGroup (1 or 2)
+// units, or (UnitsPerGroup 0) whole blocks: scales apply at fixed units, so the loop
 // over full blocks checks no bounds or counters per unit. The arithmetic is unit_step's.
 template <int Bits, int Rows, int UnitsPerGroup, int U>
 [[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void group_unit(const std::uint8_t* const* block, const float* const* scales,
@@ -564,7 +564,7 @@ template <int Bits, int Rows, int UnitsPerGroup>
   return group;
 }
 
-// y[r] for Rows consecutive stored rows.
+// y[r] for Rows stored rows (row_task: a quarter of the matrix apart).
 template <int Bits, int Rows, ScaleMode Mode>
 LOWBIT_TARGET_AVX512 void gemv_rows(const GemvRowsArgs& args, const std::uint8_t* const* rows,
                                     const float* const* scales, const float* const* zeros, float* y) {

@@ -214,7 +214,9 @@ enum class ScaleBlock { Group, Chunk, TwoGroups };
 // be brought to one bit position of its bytes, bit(M) (2-bit: 2M; 3- and 4-bit: 0, 0, 4,
 // 4), by masks alone (3-bit: plus shifts shared by the whole block). The byte then
 // holds 2^bit q, so the integer sum is 2^bit sum q xq, exact (below 2^24 for any block
-// here), and the block scale d / 2^bit takes the factor out exactly in float. That
+// here), and the block scale d / 2^bit takes the factor out exactly in float (unless
+// d / 2^bit or s d / 2^bit is subnormal, below 2^-126: an input block of |x| < 1e-36).
+// That
 // needs every integer sum to run over chunks of one bit position: per chunk, or per
 // group of one chunk or (3- and 4-bit) two.
 [[nodiscard]] constexpr int chunk_bit(int bits, Index chunk) {
@@ -297,8 +299,9 @@ codes_chunk(const std::uint8_t* block) {
     // from the 1-bit plane (at bit 2M + (j >= 32) of byte j % 32, read into both
     // halves), merged per pair of chunks: chunks 0 and 2 into bits 0-2 and 4-6 of
     // `fields` as they lie (the 1-bit plane moved up by 2 or 1), chunks 1 and 3 after a
-    // shift down by 2. Bits that 64-bit shifts carry across bytes land where 0x33 /
-    // 0x44 and the final mask drop them. The compiler shares all of it per block.
+    // shift down by 2. Bits that 64-bit shifts carry across bytes land where the 0x33
+    // select and the final 0x07 / 0x70 mask drop them. The compiler shares all of it
+    // per block.
     const __m512i two = _mm512_loadu_si512(block);
     const __m512i one = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64)));
     const __m512i fields =
