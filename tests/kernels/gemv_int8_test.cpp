@@ -128,17 +128,20 @@ void expect_in_place_matches_shifted(const QuantizedMatrix<float>& q, const Vect
   ASSERT_EQ(detail::scale_block(input, q.stored_cols(), q.group_length()), Mode) << q.group_length();
   const detail::Int8RowsArgs args{&input, q.stored_cols(), q.groups_per_row(), input.block / 64, q.row_bytes(),
                                   q.packed_codes().data() + q.packed_codes().size(),
-                                  q.scales().data() + q.scales().size(), q.zeros().data() + q.zeros().size()};
+                                  q.scales().data() + q.scales().size(), q.zeros().data() + q.zeros().size(),
+                                  input.block_scales.data()};
   ASSERT_TRUE(detail::in_place_codes(Bits, Mode, args.chunks_per_group));
   detail::set_in_place_scales(input, Bits);
+  detail::Int8RowsArgs in_place_args = args;
+  in_place_args.block_scales = input.in_place_scales.data();
   Vector<float> shifted(q.rows()), in_place(q.rows());
   for (Index task = 0; task < detail::row_tasks(q.rows()); ++task) {
     detail::row_task(q, task, shifted.data(),
                      [&](auto... a) { detail::avx512::gemv_int8_rows<Bits, detail::kKernelRows, Mode, false>(args, a...); },
                      [&](auto... a) { detail::avx512::gemv_int8_rows<Bits, 1, Mode, false>(args, a...); });
     detail::row_task(q, task, in_place.data(),
-                     [&](auto... a) { detail::avx512::gemv_int8_rows<Bits, detail::kKernelRows, Mode, true>(args, a...); },
-                     [&](auto... a) { detail::avx512::gemv_int8_rows<Bits, 1, Mode, true>(args, a...); });
+                     [&](auto... a) { detail::avx512::gemv_int8_rows<Bits, detail::kKernelRows, Mode, true>(in_place_args, a...); },
+                     [&](auto... a) { detail::avx512::gemv_int8_rows<Bits, 1, Mode, true>(in_place_args, a...); });
   }
   EXPECT_EQ(std::memcmp(shifted.data(), in_place.data(), sizeof(float) * static_cast<std::size_t>(q.rows())), 0)
       << Bits << "-bit group " << q.group_length();

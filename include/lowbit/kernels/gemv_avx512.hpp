@@ -205,10 +205,14 @@ LOWBIT_TARGET_AVX512 inline __m512 subtract_zero_correction(__m512 total, const 
   _mm_storeu_ps(y, _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
 }
 
-// sum_g s_g z_g S_g.
-LOWBIT_TARGET_AVX512 inline float zero_correction(const float* scales, const float* zeros, const float* sums,
-                                                  Index groups) {
-  return -_mm512_reduce_add_ps(subtract_zero_correction(_mm512_setzero_ps(), scales, zeros, sums, groups));
+// total[r] += s_rg acc[r], and acc[r] starts over: a group of Rows rows ends.
+template <int Rows>
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void scale_group(const float* const* scales, Index group,
+                                                                    __m512* acc, __m512* total) {
+  for (int r = 0; r < Rows; ++r) {
+    total[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[r][group]), acc[r], total[r]);
+    acc[r] = _mm512_setzero_ps();
+  }
 }
 
 // One unit (4 slices) of Rows rows, then the scales: per group when this unit ends
@@ -237,10 +241,7 @@ LOWBIT_TARGET_AVX512 inline bool unit_step(const GemvRowsArgs& args, const std::
     }
   } else {
     if (--units_left == 0 || unit + 1 == units) {
-      for (int r = 0; r < Rows; ++r) {
-        total[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[r][group]), acc[r], total[r]);
-        acc[r] = _mm512_setzero_ps();
-      }
+      scale_group<Rows>(scales, group, acc, total);
       ++group;
       units_left = args.units_per_group;
     }
@@ -523,12 +524,8 @@ template <int Bits, int Rows, int UnitsPerGroup, int U>
   slice_fma<Bits, Rows, U, 1>(block, x_unit, tables, acc);
   slice_fma<Bits, Rows, U, 2>(block, x_unit, tables, acc);
   slice_fma<Bits, Rows, U, 3>(block, x_unit, tables, acc);
-  if constexpr (UnitsPerGroup != 0 && (U + 1) % UnitsPerGroup == 0) {
-    for (int r = 0; r < Rows; ++r) {
-      total[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[r][group + U / UnitsPerGroup]), acc[r], total[r]);
-      acc[r] = _mm512_setzero_ps();
-    }
-  }
+  if constexpr (UnitsPerGroup != 0 && (U + 1) % UnitsPerGroup == 0)
+    scale_group<Rows>(scales, group + U / UnitsPerGroup, acc, total);
 }
 
 // The first `blocks` full blocks (whole groups, read in place); returns the groups done.
@@ -550,10 +547,7 @@ template <int Bits, int Rows, int UnitsPerGroup>
     group_unit<Bits, Rows, UnitsPerGroup, 3>(block, scales, x_block, tables, group, acc, total);
     if constexpr (UnitsPerGroup == 0) {
       if (--blocks_left == 0) {
-        for (int r = 0; r < Rows; ++r) {
-          total[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[r][group]), acc[r], total[r]);
-          acc[r] = _mm512_setzero_ps();
-        }
+        scale_group<Rows>(scales, group, acc, total);
         ++group;
         blocks_left = blocks_per_group;
       }

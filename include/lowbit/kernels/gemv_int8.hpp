@@ -198,6 +198,7 @@ struct Int8RowsArgs {
   Index row_bytes;                   // stride of the packed rows (prefetch.hpp)
   const std::uint8_t* storage_end;   // end of the packed codes
   const float *scales_end, *zeros_end;  // ... and of the scales and zeros
+  const float* block_scales;         // d_b, or in_place_scales for kernels that keep codes in place
 };
 
 // How a kernel scales its integer sums: once per group (one activation block per
@@ -216,9 +217,8 @@ enum class ScaleBlock { Group, Chunk, TwoGroups };
 // holds 2^bit q, so the integer sum is 2^bit sum q xq, exact (below 2^24 for any block
 // here), and the block scale d / 2^bit takes the factor out exactly in float (unless
 // d / 2^bit or s d / 2^bit is subnormal, below 2^-126: an input block of |x| < 1e-36).
-// That
-// needs every integer sum to run over chunks of one bit position: per chunk, or per
-// group of one chunk or (3- and 4-bit) two.
+// That needs every integer sum to run over chunks of one bit position: per chunk, or
+// per group of one chunk or (3- and 4-bit) two.
 [[nodiscard]] constexpr int chunk_bit(int bits, Index chunk) {
   return bits == 2 ? 2 * static_cast<int>(chunk % 4) : 4 * static_cast<int>(chunk % 4 / 2);
 }
@@ -331,6 +331,17 @@ LOWBIT_TARGET_AVX512 inline void group_factors(const float* scales, const float*
   }
 }
 
+// total[r] += f_rg float(dot[r]) with f = s d (group_factors), and dot[r] starts over:
+// a group's integer sums end.
+template <int Rows>
+[[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void scale_group_sums(const float* factors, Index groups, Index group,
+                                                                         __m512i* dot, __m512* total) {
+  for (int r = 0; r < Rows; ++r) {
+    total[r] = _mm512_fmadd_ps(_mm512_set1_ps(factors[r * groups + group]), _mm512_cvtepi32_ps(dot[r]), total[r]);
+    dot[r] = _mm512_setzero_si512();
+  }
+}
+
 // One 64-code chunk of Rows rows. ScaleBlock::Group: integer sums run on and are
 // converted and scaled when the group ends; otherwise each chunk is scaled by its
 // block's d and, per half, by its group's s.
@@ -345,15 +356,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
   if constexpr (Mode == ScaleBlock::Group) {
     for (int r = 0; r < Rows; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], codes_chunk<Bits, M, InPlace>(blocks[r]), xq);
     if (--chunks_left == 0 || start + 64 >= args.n) {
-      for (int r = 0; r < Rows; ++r) {
-        total[r] = _mm512_fmadd_ps(_mm512_set1_ps(factors[r * groups + group]), _mm512_cvtepi32_ps(dot[r]), total[r]);
-        dot[r] = _mm512_setzero_si512();
-      }
+      scale_group_sums<Rows>(factors, groups, group, dot, total);
       ++group;
       chunks_left = args.chunks_per_group;
     }
   } else {
-    const __m512 d = _mm512_set1_ps((InPlace ? input.in_place_scales : input.block_scales)[static_cast<std::size_t>(chunk)]);
+    const __m512 d = _mm512_set1_ps(args.block_scales[chunk]);
     const auto half = static_cast<std::size_t>(2 * chunk);
     for (int r = 0; r < Rows; ++r) {
       const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes_chunk<Bits, M, InPlace>(blocks[r]), xq);
@@ -370,22 +378,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
 // (1, 2 or 4) chunks: groups end at fixed chunks of every block, so the loop over full
 // blocks needs no bounds or counters. The arithmetic is int8_chunk's.
 template <int Bits, int Rows, bool InPlace, int ChunksPerGroup, int M>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline void group_chunk(
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline void int8_group_chunk(
     const std::uint8_t* const* blocks, const std::int8_t* xq_block, const float* factors, Index groups, Index group,
     __m512i* dot, __m512* total) {
   const __m512i xq = _mm512_loadu_si512(xq_block + 64 * M);
   for (int r = 0; r < Rows; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], codes_chunk<Bits, M, InPlace>(blocks[r]), xq);
-  if constexpr ((M + 1) % ChunksPerGroup == 0) {
-    const Index g = group + M / ChunksPerGroup;
-    for (int r = 0; r < Rows; ++r) {
-      total[r] = _mm512_fmadd_ps(_mm512_set1_ps(factors[r * groups + g]), _mm512_cvtepi32_ps(dot[r]), total[r]);
-      dot[r] = _mm512_setzero_si512();
-    }
-  }
+  if constexpr ((M + 1) % ChunksPerGroup == 0) scale_group_sums<Rows>(factors, groups, group + M / ChunksPerGroup, dot, total);
 }
 
 template <int Bits, int Rows, bool InPlace, int ChunksPerGroup>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline void group_blocks(
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline void int8_group_blocks(
     const Int8RowsArgs& args, const std::uint8_t* const* rows, const float* factors, Index full_blocks, __m512i* dot,
     __m512* total) {
   constexpr Index block_bytes = kBlockCodes * Bits / 8;
@@ -395,10 +397,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
     prefetch_next_rows(rows, Rows, args.row_bytes, block_bytes, blk, args.storage_end);
     const std::int8_t* xq = args.input->xq.data() + blk * kBlockCodes;
     const Index group = blk * (4 / ChunksPerGroup);
-    group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 0>(block, xq, factors, args.groups, group, dot, total);
-    group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 1>(block, xq, factors, args.groups, group, dot, total);
-    group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 2>(block, xq, factors, args.groups, group, dot, total);
-    group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 3>(block, xq, factors, args.groups, group, dot, total);
+    int8_group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 0>(block, xq, factors, args.groups, group, dot, total);
+    int8_group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 1>(block, xq, factors, args.groups, group, dot, total);
+    int8_group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 2>(block, xq, factors, args.groups, group, dot, total);
+    int8_group_chunk<Bits, Rows, InPlace, ChunksPerGroup, 3>(block, xq, factors, args.groups, group, dot, total);
   }
 }
 
@@ -416,8 +418,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
   if constexpr (Mode == ScaleBlock::Group) {
     factors.resize(static_cast<std::size_t>(Rows * args.groups));
     for (int r = 0; r < Rows; ++r)
-      group_factors(scales[r], (InPlace ? args.input->in_place_scales : args.input->block_scales).data(), args.groups,
-                    factors.data() + r * args.groups);
+      group_factors(scales[r], args.block_scales, args.groups, factors.data() + r * args.groups);
   }
   __m512 total[Rows];
   __m512i dot[Rows];
@@ -428,9 +429,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
   Index chunks_left = args.chunks_per_group, group = 0, first_block = 0;
   if constexpr (Mode == ScaleBlock::Group) {
     if (4 % args.chunks_per_group == 0) {
-      if (args.chunks_per_group == 1) group_blocks<Bits, Rows, InPlace, 1>(args, rows, factors.data(), full_blocks, dot, total);
-      else if (args.chunks_per_group == 2) group_blocks<Bits, Rows, InPlace, 2>(args, rows, factors.data(), full_blocks, dot, total);
-      else group_blocks<Bits, Rows, InPlace, 4>(args, rows, factors.data(), full_blocks, dot, total);
+      if (args.chunks_per_group == 1) int8_group_blocks<Bits, Rows, InPlace, 1>(args, rows, factors.data(), full_blocks, dot, total);
+      else if (args.chunks_per_group == 2) int8_group_blocks<Bits, Rows, InPlace, 2>(args, rows, factors.data(), full_blocks, dot, total);
+      else int8_group_blocks<Bits, Rows, InPlace, 4>(args, rows, factors.data(), full_blocks, dot, total);
       first_block = full_blocks;
       group = full_blocks * 4 / args.chunks_per_group;
     }
@@ -553,16 +554,18 @@ inline void gemv_int8(const QuantizedMatrix<float>& W, const float* x, float* y,
   Int8Input input = quantize_activation(W, x, isa);
   const Index rows = W.rows(), n = W.stored_cols();
   const ScaleBlock mode = scale_block(input, n, W.group_length());
+  const Index chunks_per_group = kernel == 2 ? input.block / 64 : input.block / 32;
+  const bool in_place = kernel == 2 && in_place_codes(W.spec().bits, mode, chunks_per_group);
+  if (in_place) set_in_place_scales(input, W.spec().bits);
   const Int8RowsArgs args{&input,
                           n,
                           W.groups_per_row(),
-                          kernel == 2 ? input.block / 64 : input.block / 32,
+                          chunks_per_group,
                           W.row_bytes(),
                           W.packed_codes().data() + W.packed_codes().size(),
                           W.scales().data() + W.scales().size(),
-                          W.zeros().data() + W.zeros().size()};
-  const bool in_place = kernel == 2 && in_place_codes(W.spec().bits, mode, args.chunks_per_group);
-  if (in_place) set_in_place_scales(input, W.spec().bits);
+                          W.zeros().data() + W.zeros().size(),
+                          (in_place ? input.in_place_scales : input.block_scales).data()};
   const Index tasks = row_tasks(rows);
   with_bits(W.spec().bits, [&](auto bits_constant) {
     constexpr int Bits = decltype(bits_constant)::value;
