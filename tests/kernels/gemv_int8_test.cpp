@@ -171,6 +171,32 @@ TEST(GemvInt8, CodesInPlaceGiveTheShiftedResultExactly) {
 #endif
 
 #if defined(LOWBIT_HAVE_AVX2)
+// A row's tail as a full block (the int8 kernels' view of a row that does not end on a
+// full block): the run-by-run unpack and the SIMD pack give the bytes of the scalar
+// reference's code-by-code unpack and pack, for every width and every kind of tail
+// (short blocks of 32..224 codes, alone or after full blocks; a full block ending in
+// padding).
+TEST(GemvInt8, TailBlockMatchesTheScalarRepack) {
+  if (!isa_supported(Isa::Avx2)) return;
+  std::mt19937_64 rng(31);
+  for (int bits = 1; bits <= 8; ++bits) {
+    for (Index n : {1, 31, 32, 33, 100, 224, 255, 257, 287, 456, 511, 736, 4090}) {
+      std::vector<std::uint8_t> codes(static_cast<std::size_t>(n));
+      for (auto& code : codes) code = static_cast<std::uint8_t>(rng() & ((1u << bits) - 1u));
+      std::vector<std::uint8_t> row(static_cast<std::size_t>(detail::packed_row_bytes(n, bits)));
+      detail::scalar::pack_row(codes.data(), n, bits, row.data());
+      const Index first = n / detail::kBlockCodes * detail::kBlockCodes;
+      std::uint8_t tail_codes[detail::kBlockCodes] = {}, expected[detail::kBlockCodes] = {}, actual[detail::kBlockCodes] = {};
+      std::copy(codes.begin() + first, codes.end(), tail_codes);
+      detail::scalar::pack_block(tail_codes, detail::kBlockCodes, bits, expected);
+      detail::with_bits(bits, [&](auto b) { detail::repack_tail_block<decltype(b)::value>(row.data(), n, actual); });
+      EXPECT_EQ(std::memcmp(expected, actual, static_cast<std::size_t>(detail::kBlockCodes * bits / 8)), 0) << bits << "-bit, n " << n;
+    }
+  }
+}
+#endif
+
+#if defined(LOWBIT_HAVE_AVX2)
 // The activation quantizer's AVX2 and scalar forms give the same scale and codes,
 // including ties (x / d exactly halfway) and all-zero blocks.
 TEST(GemvInt8, ActivationQuantizersAgree) {
