@@ -61,8 +61,8 @@ TEST(Concurrency, ConstQuantizedMatrixSharedByKernelsAndDequantize) {
   for (GroupAxis axis : {GroupAxis::Input, GroupAxis::Output}) {
     SCOPED_TRACE(axis == GroupAxis::Input ? "input axis" : "output axis");
     const QuantizedMatrix<float> W =
-        RTN<float>(QuantSpec{.bits = 4, .group_size = 64, .group_axis = axis}).quantize(test::random_matrix<float>(96, 200, 1));
-    const Matrix<float> X = test::random_matrix<float>(kThreads * 3, 200, 2);  // three tokens per thread
+        RTN<float>(QuantSpec{.bits = 4, .group_size = 64, .group_axis = axis}).quantize(test::random_matrix<float>(96, 300, 1));
+    const Matrix<float> X = test::random_matrix<float>(kThreads * 3, 300, 2);  // three tokens per thread
     // Expected results, computed before any thread starts.
     const Matrix<float> W_hat = W.dequantize();
     Matrix<float> gemv_expected(kThreads, 96), int8_expected(kThreads, 96), matmul_expected(X.rows(), 96);

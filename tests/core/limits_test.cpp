@@ -269,8 +269,9 @@ TEST(Limits, NonFiniteActivationsAreRefusedByTheKernels) {
   }
   // Finite inputs whose products overflow float: the result is not finite (inf, or NaN
   // where the folded zero-point term subtracts inf from inf), never a finite wrong value.
-  Vector<float> huge = Vector<float>::Constant(64, 3e38f), y(8);
-  const auto positive = RTN<float>(QuantSpec{.bits = 4, .group_size = 32}).quantize(Matrix<float>::Constant(8, 64, 2.0f));
+  // (256 columns: gemv_int8 takes its integer path only for rows of a full block.)
+  Vector<float> huge = Vector<float>::Constant(256, 3e38f), y(8);
+  const auto positive = RTN<float>(QuantSpec{.bits = 4, .group_size = 32}).quantize(Matrix<float>::Constant(8, 256, 2.0f));
   gemv(positive, huge, y);
   EXPECT_FALSE(y.array().isFinite().any()) << y.transpose();
   gemv_int8(positive, huge, y);
@@ -310,8 +311,8 @@ TEST(Limits, DenormalWeightsGiveFiniteParametersAndCodes) {
       }
     }
   // Denormal activations: the kernels match the float product of the dequantized matrix.
-  const auto q = RTN<float>(QuantSpec{.bits = 4, .group_size = 32}).quantize(test::random_matrix<float>(8, 64, 12));
-  const Vector<float> x = Vector<float>::Constant(64, 1e-40f);
+  const auto q = RTN<float>(QuantSpec{.bits = 4, .group_size = 32}).quantize(test::random_matrix<float>(8, 256, 12));
+  const Vector<float> x = Vector<float>::Constant(256, 1e-40f);
   Vector<float> y(8), y8(8);
   gemv(q, x, y);
   gemv_int8(q, x, y8);

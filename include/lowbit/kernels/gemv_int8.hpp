@@ -11,8 +11,11 @@
 // a group's integer sum is converted and scaled once (by s_g d_g, formed per row).
 //
 // The integer path covers input-axis groups whose size is a multiple of 32 (or one
-// group per row) and codes of up to 7 bits on AVX2 (8-bit codes would saturate
-// vpmaddubsw); other matrices, and double, run lowbit::gemv.
+// group per row), rows of at least one full 256-code block, and codes of up to 7 bits
+// on AVX2 (8-bit codes would saturate vpmaddubsw); other matrices, and double, run
+// lowbit::gemv. Rows shorter than a block are a small model's: there quantizing x and
+// repacking each row's block cost more than gemv's whole short-row kernel (64 x 64 to
+// 512 x 200, 2/3/4-bit: gemv 1.5-7x faster on AVX-512, 1.1-4.5x on AVX2).
 #pragma once
 
 #include <algorithm>
@@ -97,7 +100,34 @@ struct Int8Input {
   std::vector<float> in_place_scales;  // d_b / 2^bit for kernels that keep codes in place (in_place_codes)
   std::vector<float> group_sums;     // S^_g
   std::vector<std::int32_t> half_groups;  // group of each 32 stored columns (kernels: no division)
+  int exponent = 0;                  // x was taken as 2^exponent x (tiny inputs), y comes out 2^exponent y
 };
+
+// Inputs below this (max |x| over x) are scaled up by a power of two before they are
+// quantized: their block scales d_b, and the factors s d_b / 2^bit built from them,
+// would otherwise be subnormal and lose bits (at |x| ~ 1e-40 the result was ~1% off).
+// Scaling by 2^k is exact for x and is undone on y exactly (but for y's own rounding
+// if it is subnormal). Real activations are never this small: the common path only
+// checks the block scales.
+inline constexpr float kTinyInput = 0x1p-64f;
+
+// Every activation block of `stored` (input.block inputs each) into input.xq and
+// input.block_scales.
+inline void quantize_activation_blocks(const float* stored, Isa isa, Int8Input& input) {
+  const bool simd = isa == Isa::Avx2 || isa == Isa::Avx512;
+  for (std::size_t b = 0; b < input.block_scales.size(); ++b) {
+    const float* block_x = stored + static_cast<Index>(b) * input.block;
+    std::int8_t* block_q = input.xq.data() + static_cast<Index>(b) * input.block;
+#if defined(LOWBIT_HAVE_AVX2)
+    if (simd) {
+      input.block_scales[b] = quantize_activation_block_avx2(block_x, input.block, block_q);
+      continue;
+    }
+#endif
+    input.block_scales[b] = quantize_activation_block_scalar(block_x, input.block, block_q);
+  }
+  (void)simd;
+}
 
 // x (logical order) -> stored order, quantized per activation block (the AVX2 and
 // scalar quantizers give the same bytes), into `input`, whose buffers are reused: this
@@ -112,20 +142,14 @@ inline void quantize_activation(const QuantizedMatrix<float>& W, const float* x,
   std::fill(stored.begin() + n, stored.end(), 0.0f);
   input.xq.resize(static_cast<std::size_t>(length));
   input.block_scales.resize(static_cast<std::size_t>(blocks));
-  const bool simd = isa == Isa::Avx2 || isa == Isa::Avx512;
-  for (Index b = 0; b < blocks; ++b) {
-    const float* block_x = stored.data() + b * input.block;
-    std::int8_t* block_q = input.xq.data() + b * input.block;
-    float& d = input.block_scales[static_cast<std::size_t>(b)];
-#if defined(LOWBIT_HAVE_AVX2)
-    if (simd) {
-      d = quantize_activation_block_avx2(block_x, input.block, block_q);
-      continue;
-    }
-#endif
-    d = quantize_activation_block_scalar(block_x, input.block, block_q);
+  input.exponent = 0;
+  quantize_activation_blocks(stored.data(), isa, input);
+  const float max_d = *std::max_element(input.block_scales.begin(), input.block_scales.end());
+  if (max_d > 0 && max_d * 127.0f < kTinyInput) {
+    input.exponent = -std::ilogb(max_d * 127.0f);  // max |x| to [1, 2)
+    for (Index j = 0; j < n; ++j) stored[static_cast<std::size_t>(j)] = std::ldexp(stored[static_cast<std::size_t>(j)], input.exponent);
+    quantize_activation_blocks(stored.data(), isa, input);
   }
-  (void)simd;
   // Group of each 32 stored columns, and S^_g = sum_b d_b sum_{j in b, g} xq_j: exact
   // integer sums per piece of a block inside a group, d_b times each in double (exact:
   // 24 + 15 bits), added in double and rounded once.
@@ -159,7 +183,7 @@ inline Int8Input quantize_activation(const QuantizedMatrix<float>& W, const floa
 // Whether the integer path takes this matrix on `isa` (else gemv_int8 runs gemv).
 [[nodiscard]] inline bool int8_path_applies(const QuantizedMatrix<float>& W, Isa isa) {
   const bool groups_fit = W.group_length() >= W.stored_cols() || W.group_length() % 32 == 0;
-  if (W.transposed() || !groups_fit) return false;
+  if (W.transposed() || !groups_fit || full_block_layout_codes(W.stored_cols()) == 0) return false;
   if (isa == Isa::Avx2) return W.spec().bits <= 7;
   return true;
 }
@@ -251,7 +275,8 @@ enum class ScaleBlock { Group, Chunk, TwoGroups };
 // 4), by masks alone (3-bit: plus shifts shared by the whole block). The byte then
 // holds 2^bit q, so the integer sum is 2^bit sum q xq, exact (below 2^24 for any block
 // here), and the block scale d / 2^bit takes the factor out exactly in float (unless
-// d / 2^bit or s d / 2^bit is subnormal, below 2^-126: an input block of |x| < 1e-36).
+// d / 2^bit or s d / 2^bit is subnormal, below 2^-126: a block of |x| < 1e-36 beside
+// larger ones, as an x that small throughout is scaled up first, kTinyInput).
 // That needs every integer sum to run over chunks of one bit position: per chunk, or
 // per group of one chunk or (3- and 4-bit) two.
 [[nodiscard]] constexpr int chunk_bit(int bits, Index chunk) {
@@ -647,15 +672,19 @@ inline void gemv_int8(const QuantizedMatrix<float>& W, const float* x, float* y,
     else if (mode == ScaleBlock::Chunk) run(std::integral_constant<ScaleBlock, ScaleBlock::Chunk>{});
     else run(std::integral_constant<ScaleBlock, ScaleBlock::TwoGroups>{});
   });
+  if (input.exponent != 0)
+    for (Index r = 0; r < rows; ++r) y[r] = std::ldexp(y[r], -input.exponent);
 }
 
 }  // namespace lowbit::detail
 
 namespace lowbit {
 
-// y = W x with x quantized to int8 per 32 inputs (see above): faster than gemv, with the
-// error of an int8 input, |y - W_hat x| <= sum_j |w_hat_j| d_b(j) / 2 plus float
-// rounding. Throws lowbit::Error on a shape mismatch or a non-finite x.
+// y = W x with x quantized to int8 per block of 64 (or one group) inputs (see above):
+// faster than gemv, with the error of an int8 input, |y - W_hat x| <= sum_j |w_hat_j|
+// d_b(j) / 2 plus float rounding. Matrices the integer path does not take (rows shorter
+// than 256 codes, output-axis groups, see int8_path_applies) run gemv. Throws
+// lowbit::Error on a shape mismatch or a non-finite x.
 inline void gemv_int8(const QuantizedMatrix<float>& W, const Eigen::Ref<const Vector<float>>& x,
                       Eigen::Ref<Vector<float>> y) {
   detail::check_gemv_shapes(W, x.size(), y.size());
