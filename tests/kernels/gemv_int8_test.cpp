@@ -1,5 +1,5 @@
 // lowbit::gemv_int8: the int8-activation GEMV against W_hat x, within the error of
-// quantizing x to int8 per 32 inputs, on every variant.
+// quantizing x to int8 per activation block (64 inputs or one group), on every variant.
 #include "lowbit/kernels/gemv_int8.hpp"
 
 #include <gtest/gtest.h>
@@ -14,17 +14,20 @@ namespace {
 using test::Case;
 
 // |y - W_hat x| <= sum_j |w_hat_rj| e_j + (gamma_K + 3u) M(|x| + e), where e_j, the
-// int8 rounding error of input j, is at most half the step of its block of 32 stored
-// columns: max |x| over the block / 254 (with a few ulps for the step's own rounding).
+// int8 rounding error of input j, is at most half the step of its activation block of
+// stored columns: max |x| over the block / 254 (with a few ulps for the step's own
+// rounding).
 Vector<double> int8_bound(const QuantizedMatrix<float>& q, const Vector<float>& x) {
-  const Index n = q.cols();
+  const Index n = q.cols(), block = detail::activation_block(q.stored_cols(), q.group_length());
+  const auto logical = [&](Index stored) {
+    return q.permutation().empty() ? stored : static_cast<Index>(q.permutation()[static_cast<std::size_t>(stored)]);
+  };
   Vector<double> step_error(n);
   for (Index j = 0; j < n; ++j) {  // j runs over stored columns
-    const Index c = q.permutation().empty() ? j : q.permutation()[static_cast<std::size_t>(j)];
     double max_abs = 0;
-    for (Index k = j / 32 * 32; k < std::min(n, j / 32 * 32 + 32); ++k)
-      max_abs = std::max(max_abs, std::abs(static_cast<double>(x[q.permutation().empty() ? k : q.permutation()[static_cast<std::size_t>(k)]])));
-    step_error[c] = max_abs / 254 * (1 + 1e-6);
+    for (Index k = j / block * block; k < std::min(n, j / block * block + block); ++k)
+      max_abs = std::max(max_abs, std::abs(static_cast<double>(x[logical(k)])));
+    step_error[logical(j)] = max_abs / 254 * (1 + 1e-6);
   }
   const auto params = test::logical_params(q);
   const Matrix<double> W_hat = q.dequantize().cast<double>();
@@ -82,6 +85,34 @@ TEST(GemvInt8, ExactWhenTheInputIsAlreadyInt8) {
   }
 }
 
+// An x tiny throughout is scaled by a power of two before it is quantized and y after:
+// the result keeps the int8 input's error bound (1e-30), and stays close where y is
+// subnormal (1e-44, where max |x| / 127 underflows to 0 unscaled), and the next call,
+// with an ordinary x, is not affected.
+TEST(GemvInt8, TinyInputsKeepTheirPrecision) {
+  test::ThreadScope single(1);
+  const auto q = test::quantized_case<float>(Case{13, 300, 4, 64}, 5);
+  const Vector<float> x = test::random_matrix<float>(300, 1, 6);
+  Vector<float> y_before(13), y_after(13), y(13);
+  gemv_int8(q, x, y_before);
+  for (Isa isa : test::runnable_isas()) {
+    test::IsaScope scope(isa);
+    const Vector<float> x_small = x * 1e-30f;
+    gemv_int8(q, x_small, y);
+    test::expect_within(y.cast<double>(), test::reference_gemv(q, x_small), int8_bound(q, x_small),
+                        std::string(isa_name(isa)) + " 1e-30");
+    const Vector<float> x_subnormal = x * 1e-44f;
+    gemv_int8(q, x_subnormal, y);
+    const Vector<double> reference = test::reference_gemv(q, x_subnormal);
+    const double subnormal_step = std::numeric_limits<float>::denorm_min();
+    test::expect_within(y.cast<double>(), reference,
+                        int8_bound(q, x_subnormal).array() + subnormal_step, std::string(isa_name(isa)) + " 1e-44");
+    EXPECT_GT(y.cwiseAbs().maxCoeff(), 0.0f) << isa_name(isa);
+  }
+  gemv_int8(q, x, y_after);
+  EXPECT_EQ(y_before, y_after);
+}
+
 TEST(GemvInt8, BitIdenticalForOneAndTwoThreads) {
   test::expect_thread_invariant(
       {Case{301, 1000, 4, 64}, Case{130, 777, 3, 32, GroupAxis::Input, true}, Case{257, 512, 8, 0}},
@@ -90,7 +121,7 @@ TEST(GemvInt8, BitIdenticalForOneAndTwoThreads) {
 
 // The integer kernels really run where they apply (the result carries the int8 input
 // error, so it differs from gemv), and the rest (transposed, groups that are no multiple
-// of 32, rows shorter than a block, 8-bit codes on AVX2) is exactly gemv.
+// of 32, rows of at most 224 codes, 8-bit codes on AVX2) is exactly gemv.
 TEST(GemvInt8, IntegerPathRunsWhereItAppliesAndGemvElsewhere) {
 #if defined(LOWBIT_HAVE_AVX512)
   if (isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi")) {
@@ -104,14 +135,14 @@ TEST(GemvInt8, IntegerPathRunsWhereItAppliesAndGemvElsewhere) {
   for (Isa isa : test::runnable_isas()) {
     test::IsaScope scope(isa);
     for (const Case& c : {Case{37, 300, 4, 64}, Case{37, 300, 8, 32}, Case{37, 300, 4, 12},
-                          Case{300, 37, 4, 64, GroupAxis::Output}, Case{37, 224, 4, 32}}) {
+                          Case{300, 37, 4, 64, GroupAxis::Output}, Case{37, 224, 4, 32}, Case{37, 240, 4, 32}}) {
       const auto q = test::quantized_case<float>(c, 8);
       const Vector<float> x = test::random_matrix<float>(c.cols, 1, 9);
       Vector<float> y_int8(c.rows), y_float(c.rows);
       gemv_int8(q, x, y_int8);
       gemv(q, x, y_float);
       const bool integer = detail::int8_path_applies(q, detail::int8_kernel(isa) == 1 ? Isa::Avx2 : isa);
-      EXPECT_EQ(integer, c.group_size != 12 && c.axis == GroupAxis::Input && c.cols >= 256 &&
+      EXPECT_EQ(integer, c.group_size != 12 && c.axis == GroupAxis::Input && c.cols > 224 &&
                              !(c.bits == 8 && detail::int8_kernel(isa) == 1))
           << isa_name(isa) << " " << c.name();
       if (integer) {

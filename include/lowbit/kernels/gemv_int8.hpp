@@ -11,11 +11,13 @@
 // a group's integer sum is converted and scaled once (by s_g d_g, formed per row).
 //
 // The integer path covers input-axis groups whose size is a multiple of 32 (or one
-// group per row), rows of at least one full 256-code block, and codes of up to 7 bits
-// on AVX2 (8-bit codes would saturate vpmaddubsw); other matrices, and double, run
-// lowbit::gemv. Rows shorter than a block are a small model's: there quantizing x and
-// repacking each row's block cost more than gemv's whole short-row kernel (64 x 64 to
-// 512 x 200, 2/3/4-bit: gemv 1.5-7x faster on AVX-512, 1.1-4.5x on AVX2).
+// group per row), rows with a full 256-code block of the layout (more than 224 codes),
+// and codes of up to 7 bits on AVX2 (8-bit codes would saturate vpmaddubsw); other
+// matrices, and double, run lowbit::gemv. Rows of at most 224 codes are a small
+// model's: there quantizing x and repacking each row's block cost more than gemv's
+// whole short-row kernel (64 x 64 to 512 x 200, 2/3/4-bit: gemv 1.5-7x faster on
+// AVX-512, 1.1-4.5x on AVX2). An x tiny throughout is scaled by a power of two first
+// (kTinyInput). The buffers of x's quantized form are the calling thread's, reused.
 #pragma once
 
 #include <algorithm>
@@ -95,20 +97,20 @@ LOWBIT_TARGET_AVX2 inline float quantize_activation_block_avx2(const float* x, I
 
 struct Int8Input {
   Index block = 64;                  // inputs per scale
-  std::vector<std::int8_t> xq;       // stored order, padded to whole 256-code blocks with zeros
+  std::vector<std::int8_t> xq;       // stored order; zeros past n, over whole activation blocks and 256-code blocks
   std::vector<float> block_scales;   // d_b
   std::vector<float> in_place_scales;  // d_b / 2^bit for kernels that keep codes in place (in_place_codes)
   std::vector<float> group_sums;     // S^_g
   std::vector<std::int32_t> half_groups;  // group of each 32 stored columns (kernels: no division)
-  int exponent = 0;                  // x was taken as 2^exponent x (tiny inputs), y comes out 2^exponent y
+  int exponent = 0;                  // x was taken as 2^exponent x (kTinyInput), so y comes out 2^exponent y
 };
 
-// Inputs below this (max |x| over x) are scaled up by a power of two before they are
-// quantized: their block scales d_b, and the factors s d_b / 2^bit built from them,
-// would otherwise be subnormal and lose bits (at |x| ~ 1e-40 the result was ~1% off).
-// Scaling by 2^k is exact for x and is undone on y exactly (but for y's own rounding
-// if it is subnormal). Real activations are never this small: the common path only
-// checks the block scales.
+// An x whose largest |x_j| is below this is scaled up by a power of two, to max |x| in
+// [2^-64, 2^-63), before it is quantized: its block scales d_b, and the factors
+// s d_b / 2^bit built from them, would otherwise be subnormal and lose bits (at |x| ~
+// 1e-40 the result was ~1% off; below ~1e-43 d_b underflows to 0). Scaling by 2^k is
+// exact for x, and y is scaled back by 2^-k, exact unless y is subnormal (then one
+// rounding). Real activations are never this small.
 inline constexpr float kTinyInput = 0x1p-64f;
 
 // Every activation block of `stored` (input.block inputs each) into input.xq and
@@ -131,7 +133,7 @@ inline void quantize_activation_blocks(const float* stored, Isa isa, Int8Input& 
 
 // x (logical order) -> stored order, quantized per activation block (the AVX2 and
 // scalar quantizers give the same bytes), into `input`, whose buffers are reused: this
-// runs once per call, and for a small matrix it is most of the call.
+// runs once per call, and for a matrix of few rows it is most of the call.
 inline void quantize_activation(const QuantizedMatrix<float>& W, const float* x, Isa isa, Int8Input& input) {
   const Index n = W.stored_cols(), padded = block_padded(n), group = W.group_length();
   input.block = activation_block(n, group);
@@ -142,17 +144,16 @@ inline void quantize_activation(const QuantizedMatrix<float>& W, const float* x,
   std::fill(stored.begin() + n, stored.end(), 0.0f);
   input.xq.resize(static_cast<std::size_t>(length));
   input.block_scales.resize(static_cast<std::size_t>(blocks));
-  input.exponent = 0;
-  quantize_activation_blocks(stored.data(), isa, input);
-  const float max_d = *std::max_element(input.block_scales.begin(), input.block_scales.end());
-  if (max_d > 0 && max_d * 127.0f < kTinyInput) {
-    input.exponent = -std::ilogb(max_d * 127.0f);  // max |x| to [1, 2)
+  float max_abs = 0;
+  for (Index j = 0; j < n; ++j) max_abs = std::max(max_abs, std::abs(stored[static_cast<std::size_t>(j)]));
+  input.exponent = max_abs > 0 && max_abs < kTinyInput ? -64 - std::ilogb(max_abs) : 0;
+  if (input.exponent != 0)
     for (Index j = 0; j < n; ++j) stored[static_cast<std::size_t>(j)] = std::ldexp(stored[static_cast<std::size_t>(j)], input.exponent);
-    quantize_activation_blocks(stored.data(), isa, input);
-  }
+  quantize_activation_blocks(stored.data(), isa, input);
   // Group of each 32 stored columns, and S^_g = sum_b d_b sum_{j in b, g} xq_j: exact
   // integer sums per piece of a block inside a group, d_b times each in double (exact:
-  // 24 + 15 bits), added in double and rounded once.
+  // 24 + 15 bits), added in double (exact unless the d_b of a group's pieces span more
+  // than 14 binary orders) and rounded to float once.
   const Index groups = W.groups_per_row();
   input.half_groups.resize(static_cast<std::size_t>(padded / 32));
   for (Index h = 0, g = 0; h < padded / 32; ++h) {
@@ -217,7 +218,7 @@ inline void gemv_int8_rows(const QuantizedMatrix<float>& W, const Int8Input& inp
 }  // namespace scalar
 
 #if defined(LOWBIT_HAVE_AVX2)
-// The codes of a row from its last full block on, for rows that do not end on one, as
+// The codes of a row after its last complete 256 codes, for rows that do not end there, as
 // a zero-padded full block that the chunk decoders read like any other: a last
 // full-layout block (padding at its end) is copied, a short block (gemv_short_block.hpp)
 // is unpacked run by run (plane_slot: per plane one byte loop, which the compiler
@@ -682,8 +683,8 @@ namespace lowbit {
 
 // y = W x with x quantized to int8 per block of 64 (or one group) inputs (see above):
 // faster than gemv, with the error of an int8 input, |y - W_hat x| <= sum_j |w_hat_j|
-// d_b(j) / 2 plus float rounding. Matrices the integer path does not take (rows shorter
-// than 256 codes, output-axis groups, see int8_path_applies) run gemv. Throws
+// d_b(j) / 2 plus float rounding. Matrices the integer path does not take (rows of at
+// most 224 codes, output-axis groups, see int8_path_applies) run gemv. Throws
 // lowbit::Error on a shape mismatch or a non-finite x.
 inline void gemv_int8(const QuantizedMatrix<float>& W, const Eigen::Ref<const Vector<float>>& x,
                       Eigen::Ref<Vector<float>> y) {
