@@ -144,12 +144,19 @@ inline void quantize_activation(const QuantizedMatrix<float>& W, const float* x,
   std::fill(stored.begin() + n, stored.end(), 0.0f);
   input.xq.resize(static_cast<std::size_t>(length));
   input.block_scales.resize(static_cast<std::size_t>(blocks));
-  float max_abs = 0;
-  for (Index j = 0; j < n; ++j) max_abs = std::max(max_abs, std::abs(stored[static_cast<std::size_t>(j)]));
-  input.exponent = max_abs > 0 && max_abs < kTinyInput ? -64 - std::ilogb(max_abs) : 0;
-  if (input.exponent != 0)
-    for (Index j = 0; j < n; ++j) stored[static_cast<std::size_t>(j)] = std::ldexp(stored[static_cast<std::size_t>(j)], input.exponent);
+  input.exponent = 0;
   quantize_activation_blocks(stored.data(), isa, input);
+  // max |x| ~ 127 max_b d_b: only an x that looks tiny (or zero: d_b underflows to 0
+  // below 127 * 2^-149) is scanned, scaled and quantized again.
+  if (127.0f * *std::max_element(input.block_scales.begin(), input.block_scales.end()) < kTinyInput) {
+    float max_abs = 0;
+    for (Index j = 0; j < n; ++j) max_abs = std::max(max_abs, std::abs(stored[static_cast<std::size_t>(j)]));
+    if (max_abs > 0 && max_abs < kTinyInput) {
+      input.exponent = -64 - std::ilogb(max_abs);  // max |x| to [2^-64, 2^-63)
+      for (Index j = 0; j < n; ++j) stored[static_cast<std::size_t>(j)] = std::ldexp(stored[static_cast<std::size_t>(j)], input.exponent);
+      quantize_activation_blocks(stored.data(), isa, input);
+    }
+  }
   // Group of each 32 stored columns, and S^_g = sum_b d_b sum_{j in b, g} xq_j: exact
   // integer sums per piece of a block inside a group, d_b times each in double (exact:
   // 24 + 15 bits), added in double (exact unless the d_b of a group's pieces span more
