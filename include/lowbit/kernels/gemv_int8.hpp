@@ -247,11 +247,13 @@ LOWBIT_TARGET_AVX2 void repack_tail_block(const std::uint8_t* row, Index n, std:
     std::uint8_t* slot_out = codes + slot * slot_codes;
     for (int plane = 0; plane < set.count; ++plane) {
       const PlaneSlot where = plane_slot(set, plane, m, slot);
-      const Plane bits = set.planes[static_cast<std::size_t>(plane)];
+      const Plane part = set.planes[static_cast<std::size_t>(plane)];
       const std::uint8_t* in = block + where.byte;
-      const unsigned mask = (1u << bits.width) - 1u;
-      for (Index j = 0; j < slot_codes; ++j)
-        slot_out[j] = static_cast<std::uint8_t>(slot_out[j] | ((static_cast<unsigned>(in[j]) >> where.shift) & mask) << bits.shift);
+      const unsigned mask = (1u << part.width) - 1u;
+      for (Index j = 0; j < slot_codes; ++j) {
+        const unsigned bits = (static_cast<unsigned>(in[j]) >> where.shift) & mask;
+        slot_out[j] = static_cast<std::uint8_t>(slot_out[j] | bits << part.shift);
+      }
     }
   }
   avx2::pack_full_block<Bits>(codes, out);
