@@ -74,7 +74,7 @@ LOWBIT_TARGET_AVX2 inline __m256 decode_slice(const std::uint8_t* block, __m256 
 template <int Bits, int Rows, int U, int B>
 LOWBIT_TARGET_AVX2 inline void slice_fma(const std::uint8_t* const* blocks, const float* x_unit, __m256 table,
                                          __m256* acc) {
-  const __m256 x = _mm256_loadu_ps(x_unit + kLanes * B);
+  const __m256 x = in_register(_mm256_loadu_ps(x_unit + kLanes * B));
   for (int r = 0; r < Rows; ++r) acc[r] = _mm256_fmadd_ps(decode_slice<Bits, U, B>(blocks[r], table), x, acc[r]);
 }
 

@@ -174,7 +174,7 @@ template <int Bits, int Rows, int U, int B>
 [[gnu::always_inline]] LOWBIT_TARGET_AVX512 inline void slice_fma(const std::uint8_t* const* blocks,
                                                                   const float* x_unit, const DecodeTables& tables,
                                                                   __m512* acc) {
-  const __m512 x = _mm512_loadu_ps(x_unit + kLanes * B);
+  const __m512 x = in_register(_mm512_loadu_ps(x_unit + kLanes * B));
   for (int r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(decode_slice<Bits, U, B>(blocks[r], tables), x, acc[r]);
 }
 

@@ -372,8 +372,8 @@ codes_chunk(const std::uint8_t* block) {
     // shift down by 2. Bits that 64-bit shifts carry across bytes land where the 0x33
     // select and the final 0x07 / 0x70 mask drop them. The compiler shares all of it
     // per block.
-    const __m512i two = _mm512_loadu_si512(block);
-    const __m512i one = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64)));
+    const __m512i two = in_register(_mm512_loadu_si512(block));
+    const __m512i one = in_register(_mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64))));
     const __m512i fields =
         M % 2 == 0
             ? _mm512_ternarylogic_epi32(two, _mm512_sllv_epi64(one, _mm512_setr_epi64(2, 2, 2, 2, 1, 1, 1, 1)),
@@ -385,7 +385,8 @@ codes_chunk(const std::uint8_t* block) {
   } else if constexpr (InPlace) {
     static_assert(Bits == 2 || Bits == 4);
     constexpr int L = 32 * Bits;
-    const __m512i v = _mm512_loadu_si512(block + (64 * M) % L);
+    // One load serves the chunks that share these bytes (kept in a register, in_register).
+    const __m512i v = in_register(_mm512_loadu_si512(block + (64 * M) % L));
     return _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(((1 << Bits) - 1) << chunk_bit(Bits, M))));
   } else {
     return combine_chunk<Bits, 0, M>(block);
@@ -422,7 +423,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,
   const Index chunk = 4 * blk + M, start = 64 * chunk;
   if (start >= args.n) return false;
   const Int8Input& input = *args.input;
-  const __m512i xq = _mm512_loadu_si512(input.xq.data() + start);
+  const __m512i xq = in_register(_mm512_loadu_si512(input.xq.data() + start));
   if constexpr (Mode == ScaleBlock::Group) {
     for (int r = 0; r < Rows; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], codes_chunk<Bits, M, InPlace>(blocks[r]), xq);
     if (--chunks_left == 0 || start + 64 >= args.n) {
@@ -451,7 +452,7 @@ template <int Bits, int Rows, bool InPlace, int ChunksPerGroup, int M>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c"))) inline void int8_group_chunk(
     const std::uint8_t* const* blocks, const std::int8_t* xq_block, const float* factors, Index groups, Index group,
     __m512i* dot, __m512* total) {
-  const __m512i xq = _mm512_loadu_si512(xq_block + 64 * M);
+  const __m512i xq = in_register(_mm512_loadu_si512(xq_block + 64 * M));
   for (int r = 0; r < Rows; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], codes_chunk<Bits, M, InPlace>(blocks[r]), xq);
   if constexpr ((M + 1) % ChunksPerGroup == 0) scale_group_sums<Rows>(factors, groups, group + M / ChunksPerGroup, dot, total);
 }
@@ -542,7 +543,7 @@ LOWBIT_TARGET_AVX2 inline bool int8_chunk(const Int8RowsArgs& args, const std::u
   const Index chunk = 8 * blk + M, start = 32 * chunk;
   if (start >= args.n) return false;
   const Int8Input& input = *args.input;
-  const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(input.xq.data() + start));
+  const __m256i xq = in_register(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(input.xq.data() + start)));
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (Mode == ScaleBlock::Group) {
     for (int r = 0; r < Rows; ++r)

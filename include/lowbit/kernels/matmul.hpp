@@ -62,9 +62,9 @@ LOWBIT_TARGET_AVX512 void matmul_micro(const float* x, Index x_stride, const flo
       acc[t][r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(partial + (t * Rows + r) * 16);
   for (Index k = 0; k < k_len; k += 16) {
     __m512 xv[Tokens];
-    for (int t = 0; t < Tokens; ++t) xv[t] = _mm512_loadu_ps(x + t * x_stride + k);
+    for (int t = 0; t < Tokens; ++t) xv[t] = in_register(_mm512_loadu_ps(x + t * x_stride + k));
     for (int r = 0; r < Rows; ++r) {
-      const __m512 wv = _mm512_loadu_ps(w + r * w_stride + k);
+      const __m512 wv = in_register(_mm512_loadu_ps(w + r * w_stride + k));
       for (int t = 0; t < Tokens; ++t) acc[t][r] = _mm512_fmadd_ps(xv[t], wv, acc[t][r]);
     }
   }
@@ -89,9 +89,9 @@ LOWBIT_TARGET_AVX2 void matmul_micro(const float* x, Index x_stride, const float
       acc[t][r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(partial + (t * Rows + r) * 8);
   for (Index k = 0; k < k_len; k += 8) {
     __m256 xv[Tokens];
-    for (int t = 0; t < Tokens; ++t) xv[t] = _mm256_loadu_ps(x + t * x_stride + k);
+    for (int t = 0; t < Tokens; ++t) xv[t] = in_register(_mm256_loadu_ps(x + t * x_stride + k));
     for (int r = 0; r < Rows; ++r) {
-      const __m256 wv = _mm256_loadu_ps(w + r * w_stride + k);
+      const __m256 wv = in_register(_mm256_loadu_ps(w + r * w_stride + k));
       for (int t = 0; t < Tokens; ++t) acc[t][r] = _mm256_fmadd_ps(xv[t], wv, acc[t][r]);
     }
   }

@@ -112,7 +112,7 @@ LOWBIT_TARGET_AVX2 void tile_avx2(Index depth, const T* a, const T* b, T* c, Ind
   for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = V{};
   for (Index p = 0; p < depth; ++p, a += MR, b += 2 * L) {
     _mm_prefetch(reinterpret_cast<const char*>(a + kPrefetchSteps * MR), _MM_HINT_T0);
-    const V b0 = avx2_load(b), b1 = avx2_load(b + L);
+    const V b0 = avx2::in_register(avx2_load(b)), b1 = avx2::in_register(avx2_load(b + L));
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const V ar = avx2_broadcast(a + r);
@@ -163,7 +163,7 @@ LOWBIT_TARGET_AVX512 void tile_avx512(Index depth, const T* a, const T* b, T* c,
   for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = V{};
   for (Index p = 0; p < depth; ++p, a += MR, b += 2 * L) {
     _mm_prefetch(reinterpret_cast<const char*>(a + kPrefetchSteps * MR), _MM_HINT_T0);
-    const V b0 = avx512_load(b), b1 = avx512_load(b + L);
+    const V b0 = avx512::in_register(avx512_load(b)), b1 = avx512::in_register(avx512_load(b + L));
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const V ar = avx512_broadcast(a + r);
